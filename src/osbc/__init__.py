@@ -1,1 +1,24 @@
-"""osbc"""
+"""osbc: one-shot pruning and quantization of spiking neural networks (Optimal Spiking Brain Compression).
+
+    import osbc
+    res = osbc.prune(model, calib, sparsity=0.97)      # or osbc.quantize(model, calib, bits=4)
+    res.model, res.report
+"""
+
+from . import kernels, snn
+from .report import LayerReport, Report
+
+_LAZY = {"prune": "compress", "quantize": "compress", "inspect": "compress", "Compressed": "compress"}
+
+
+def __getattr__(name: str):
+    # Heavy modules load on first use, so `import osbc` (and the CLI's --help) stays fast.
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
+    raise AttributeError(f"module 'osbc' has no attribute {name!r}")
+
+__version__ = "0.1.0"
+
+__all__ = ["prune", "quantize", "inspect", "Compressed", "Report", "LayerReport", "snn", "kernels", "__version__"]

@@ -14,7 +14,6 @@ looks like a neuron is probed numerically with an impulse while spiking is switc
 from __future__ import annotations
 
 import copy
-import math
 import re
 from dataclasses import dataclass, field
 from typing import Callable
@@ -276,6 +275,7 @@ def _ensure_interop() -> None:
 
 _THRESHOLD_ATTRS = ("v_threshold", "threshold", "v_th", "thresh")
 _STATE_ATTRS = ("v", "mem", "v_mem", "membrane", "u")
+_THRESHOLD_OFF = 1e30
 
 
 def probe_kernel(m: nn.Module, feature_shape: tuple[int, ...], T: int = 32, amplitude: float = 1e-3) -> Kernel:
@@ -301,14 +301,17 @@ def probe_kernel(m: nn.Module, feature_shape: tuple[int, ...], T: int = 32, ampl
                               "off; register the neuron with osbc.kernels.register")
         for a in thr:
             v = getattr(probe, a)
-            setattr(probe, a, torch.full_like(v, math.inf) if isinstance(v, Tensor) else math.inf)
+            # A huge finite threshold, not inf: a soft reset computes v - spike * threshold, and
+            # 0 * inf = nan would poison the trace.
+            setattr(probe, a, torch.full_like(v, _THRESHOLD_OFF) if isinstance(v, Tensor) else _THRESHOLD_OFF)
         read = next((a for a in _STATE_ATTRS if hasattr(probe, a)), None)
         if read is None:
             raise KernelError(f"{name}: no membrane state attribute ({', '.join(_STATE_ATTRS)}) to read; "
                               "register the neuron with osbc.kernels.register")
 
-    def response(amp: float) -> Tensor:
-        x = torch.zeros(T, 1, *feature_shape)
+    def response(amp: float, dtype=torch.float64) -> Tensor:
+        # float64 where the neuron allows it: the response to a small impulse is a difference.
+        x = torch.zeros(T, 1, *feature_shape, dtype=dtype)
         x[0] = amp
         reset_module(probe)
         if hasattr(probe, "v") and read is None:
@@ -326,9 +329,14 @@ def probe_kernel(m: nn.Module, feature_shape: tuple[int, ...], T: int = 32, ampl
             return torch.stack(out)
 
     try:
-        base = response(0.0)
-        r1 = (response(amplitude) - base) / amplitude
-        r2 = (response(2 * amplitude) - base) / (2 * amplitude)
+        dtype = torch.float64
+        try:
+            base = response(0.0, dtype)
+        except RuntimeError:  # a neuron with float32-only ops
+            dtype = torch.float32
+            base = response(0.0, dtype)
+        r1 = (response(amplitude, dtype) - base) / amplitude
+        r2 = (response(2 * amplitude, dtype) - base) / (2 * amplitude)
     except Exception as e:  # noqa: BLE001
         raise KernelError(f"{name}: probing the kernel failed ({type(e).__name__}: {e}); "
                           "register the neuron with osbc.kernels.register") from e
