@@ -1,0 +1,203 @@
+"""The public API end to end on small SNNs with spike inputs."""
+
+import json
+
+import pytest
+import torch
+
+import osbc
+from osbc import snn
+
+from helpers import MLP, ConvNet, LoopMLP, spikes
+
+
+def trained_like_mlp(d_in=200, hidden=64, out=10, seed=0):
+    torch.manual_seed(seed)
+    m = MLP(d_in=d_in, hidden=hidden, out=out)
+    with torch.no_grad():  # scale so that hidden neurons fire at a realistic rate
+        m.fc1.weight.mul_(3.0)
+        m.fc2.weight.mul_(3.0)
+    return m
+
+
+@pytest.fixture(scope="module")
+def calib():
+    return spikes(64, 10, 200, rate=0.15, dead=0.2)
+
+
+def weights(model):
+    return {k: v.clone() for k, v in model.state_dict().items()}
+
+
+def zero_frac(model, names=("fc1", "fc2")):
+    ws = [getattr(model, n).weight for n in names]
+    return sum(int((w == 0).sum()) for w in ws) / sum(w.numel() for w in ws)
+
+
+@pytest.mark.parametrize("allocation", ["uniform", "lamp", "global"])
+@pytest.mark.parametrize("method", ["osbc", "obc", "magnitude"])
+def test_prune_hits_sparsity_and_leaves_input_alone(calib, method, allocation):
+    if method == "magnitude" and allocation == "global":
+        pytest.skip("global needs OBS losses")
+    model = trained_like_mlp()
+    before = weights(model)
+    res = osbc.prune(model, calib, sparsity=0.9, method=method, allocation=allocation, verbose=False)
+    assert zero_frac(res.model) == pytest.approx(0.9, abs=1.0 / 13440)
+    assert abs(res.report.sparsity - zero_frac(res.model)) < 1e-9
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert res.model is not model
+    json.dumps(res.report.to_dict())
+    for layer in res.report:
+        assert layer.membrane_error is not None and layer.membrane_error >= 0
+
+
+def test_same_seed_same_result(calib):
+    a = osbc.prune(trained_like_mlp(), calib, sparsity=0.8, allocation="global", verbose=False).model
+    b = osbc.prune(trained_like_mlp(), calib, sparsity=0.8, allocation="global", verbose=False).model
+    assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
+
+
+def total_membrane_error(res):
+    return sum(l.membrane_error for l in res.report)
+
+
+@pytest.mark.parametrize("sparsity", [0.5, 0.9, 0.97])
+def test_osbc_has_lowest_membrane_error_when_pruning(calib, sparsity):
+    errs = {m: total_membrane_error(osbc.prune(trained_like_mlp(), calib, sparsity=sparsity, method=m,
+                                               allocation="uniform", verbose=False))
+            for m in ("osbc", "obc", "magnitude")}
+    assert errs["osbc"] < errs["obc"] < errs["magnitude"], errs
+
+
+@pytest.mark.parametrize("bits", [4, 2])
+def test_osbc_has_lowest_membrane_error_when_quantizing(calib, bits):
+    errs = {m: total_membrane_error(osbc.quantize(trained_like_mlp(), calib, bits=bits, method=m, verbose=False))
+            for m in ("osbc", "obc", "rtn")}
+    assert errs["osbc"] < errs["obc"] < errs["rtn"], errs
+
+
+@pytest.mark.parametrize("solver", ["exact", "fast"])
+def test_quantized_weights_lie_on_a_per_row_grid(calib, solver):
+    model = trained_like_mlp()
+    res = osbc.quantize(model, calib, bits=3, solver=solver, verbose=False)
+    for name in ("fc1", "fc2"):
+        w = getattr(res.model, name).weight.detach()
+        # 3 bits symmetric per channel: codes -3..3 of a scale set by the row's original max |w|
+        scale = getattr(model, name).weight.detach().abs().amax(1, keepdim=True) / 3
+        codes = w / scale
+        assert torch.allclose(codes, codes.round(), atol=1e-4)
+        assert codes.abs().max() <= 3 + 1e-4
+
+
+def test_joint_prune_then_quantize_keeps_zeros(calib):
+    pruned = osbc.prune(trained_like_mlp(), calib, sparsity=0.9, verbose=False).model
+    zeros = pruned.fc1.weight == 0
+    q = osbc.quantize(pruned, calib, bits=4, verbose=False).model
+    assert torch.all(q.fc1.weight[zeros] == 0)
+    assert zero_frac(q) >= 0.9 - 1e-9
+
+
+@pytest.mark.parametrize("solver", ["exact", "blocked", "fast"])
+def test_nm_pattern(calib, solver):
+    res = osbc.prune(trained_like_mlp(), calib, nm="2:4", solver=solver, verbose=False)
+    for name in ("fc1", "fc2"):
+        w = getattr(res.model, name).weight.detach()
+        assert torch.all((w.reshape(w.shape[0], -1, 4) != 0).sum(-1) <= 2)
+    assert zero_frac(res.model) == pytest.approx(0.5)
+
+
+def test_sequential_calibration_runs_and_differs(calib):
+    d = osbc.prune(trained_like_mlp(), calib, sparsity=0.9, calibration="dense", verbose=False).model
+    s = osbc.prune(trained_like_mlp(), calib, sparsity=0.9, calibration="sequential", verbose=False).model
+    assert torch.equal(d.fc1.weight, s.fc1.weight)  # the first layer sees the same inputs
+    assert not torch.equal(d.fc2.weight, s.fc2.weight)
+    assert zero_frac(s) == pytest.approx(0.9, abs=1e-3)
+
+
+def test_loop_model_compresses_like_multistep_model(calib):
+    a = trained_like_mlp()
+    b = LoopMLP(d_in=200, hidden=64)
+    b.load_state_dict(a.state_dict())
+    ra = osbc.prune(a, calib[:16], sparsity=0.9, verbose=False).model
+    rb = osbc.prune(b, calib[:16], sparsity=0.9, verbose=False).model
+    assert torch.allclose(ra.fc1.weight, rb.fc1.weight, atol=1e-5)
+    assert type(rb) is LoopMLP
+
+
+def test_conv_bn_model_and_dataloader_calib():
+    torch.manual_seed(0)
+    model = ConvNet(size=8)
+    model.eval()
+    x = spikes(24, 6, 2, 8, 8)
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, torch.zeros(24)), batch_size=7)
+    res = osbc.prune(model, loader, sparsity=0.8, verbose=False)
+    assert {l.name for l in res.report} == {"conv.m", "fc", "readout"}
+    assert res.report.sparsity == pytest.approx(0.8, abs=1e-3)
+    q = osbc.quantize(res.model, loader, bits=4, method="obc", verbose=False)
+    assert q.report.layers[0].bits == 4
+
+
+def test_per_neuron_tau_rows(calib):
+    m = trained_like_mlp()
+    m.lif1 = snn.LIF(torch.where(torch.arange(64) % 2 == 0, 2.0, 6.0))
+    res = osbc.prune(m, calib, sparsity=0.9, solver="exact", verbose=False)
+    assert "per-neuron" in res.report.layers[0].kernel
+    assert zero_frac(res.model) == pytest.approx(0.9, abs=1e-3)
+
+
+def test_inplace_modifies_the_given_model(calib):
+    m = trained_like_mlp()
+    res = osbc.prune(m, calib, sparsity=0.5, inplace=True, verbose=False)
+    assert res.model is m and zero_frac(m) == pytest.approx(0.5, abs=1e-3)
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(sparsity=1.0), "sparsity"), (dict(sparsity=-0.1), "sparsity"), (dict(method="foo"), "method"),
+    (dict(allocation="x"), "allocation"), (dict(solver="x"), "solver"), (dict(calibration="x"), "calibration"),
+    (dict(nm="4:2"), "N < M"), (dict(method="magnitude", allocation="global"), "global"),
+])
+def test_bad_prune_arguments(calib, kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        osbc.prune(trained_like_mlp(), calib, verbose=False, **kwargs)
+
+
+@pytest.mark.parametrize("bits", [1, 9, 4.5, True])
+def test_bad_bits(calib, bits):
+    with pytest.raises(ValueError, match="bits"):
+        osbc.quantize(trained_like_mlp(), calib, bits=bits, verbose=False)
+
+
+def test_bad_inputs(calib):
+    with pytest.raises(ValueError, match="empty"):
+        osbc.prune(trained_like_mlp(), calib[:0], verbose=False)
+    with pytest.raises(ValueError, match="empty"):
+        osbc.prune(trained_like_mlp(), [], verbose=False)
+    with pytest.raises(ValueError, match="rejected"):
+        osbc.prune(trained_like_mlp(), spikes(4, 5, 199), verbose=False)
+    bad = calib[:4].clone()
+    bad[0, 0, 0] = float("nan")
+    with pytest.raises(ValueError, match="NaN"):
+        osbc.prune(trained_like_mlp(), bad, verbose=False)
+    m = trained_like_mlp()
+    with torch.no_grad():
+        m.fc2.weight[0, 0] = float("nan")
+    with pytest.raises(ValueError, match="fc2.*NaN"):
+        osbc.prune(m, calib, verbose=False)
+    with pytest.raises(ValueError, match="calibration"):
+        osbc.prune(trained_like_mlp(), None, method="osbc", verbose=False)
+    with pytest.raises(ValueError, match="nothing to compress"):
+        osbc.prune(torch.nn.Sequential(torch.nn.Flatten(2), snn.LIF()), calib, verbose=False)
+
+
+def test_dead_inputs_and_silent_layers_never_give_nan():
+    m = trained_like_mlp(d_in=50, hidden=16)
+    x = torch.zeros(8, 5, 50)
+    x[:, :, :3] = 1.0  # almost everything is dead; hidden layer may be silent
+    for res in (osbc.prune(m, x, sparsity=0.9, verbose=False), osbc.quantize(m, x, bits=2, verbose=False)):
+        for p in res.model.parameters():
+            assert torch.isfinite(p).all()
+
+
+def test_inspect_lists_modules(calib):
+    ts = osbc.inspect(trained_like_mlp(), calib)
+    assert [t.name for t in ts] == ["fc1", "fc2"]
