@@ -219,6 +219,7 @@ def register(cls: type, kernel: Callable[[nn.Module], Kernel], reset: Callable[[
 
 
 def _family(m: nn.Module) -> _Family | None:
+    _ensure_interop()  # other libraries' neurons must be registered before anyone asks
     for cls in type(m).__mro__:
         if cls in _REGISTRY:
             return _REGISTRY[cls]

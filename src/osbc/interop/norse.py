@@ -1,0 +1,77 @@
+"""norse neurons for osbc.
+
+norse neurons are forward-Euler discretisations with step ``dt`` (``module.dt``) of
+continuous-time models whose parameters live in ``module.p``. Membrane kernels, with
+``a = dt * p.tau_mem_inv`` and ``b = 1 - dt * p.tau_syn_inv``, from norse's step functions with
+the threshold ignored and checked against norse's own simulation in
+``tests/test_interop_norse.py``:
+
+* ``LIF`` / ``LIFCell`` (``lif_feed_forward_step``): the input current jumps first
+  (``j = i + I``), then ``v <- v + a (v_leak - v + j)`` and ``i <- b j``. So with ``j[t] = b j[t-1]
+  + I[t]`` and ``v[t] = (1 - a) v[t-1] + a j[t]``: h[n] = a sum_{i+j=n} b^i (1-a)^j
+  = a ((1-a)^(n+1) - b^(n+1)) / ((1-a) - b). This is REFERENCE's formula; the current enters the
+  membrane in the same step it arrives (the simulation confirms h[0] = a, not 0).
+* ``LIFBoxCell``: ``v <- v + a (I + v_leak - v)`` -> h[n] = a (1 - a)^n
+* ``IAF`` / ``IAFCell``: ``v <- v + I`` -> h[n] = 1
+* ``LI`` / ``LICell`` (leaky integrator readouts, no spikes: the membrane is the output), same
+  update as LIF -> same kernel; ``LIBoxCell`` -> a (1 - a)^n.
+
+Parameters may be tensors (per-neuron time constants). Constant terms (``v_leak``, the initial
+``v = v_leak``) cancel in the loss and do not enter the kernel.
+
+State: norse modules keep no state between calls; they take ``state`` as an argument and
+return the new one (``None`` = start from the initial state), so there is nothing to reset.
+"""
+
+from __future__ import annotations
+
+import torch
+from norse.torch.module import iaf as _iaf
+from norse.torch.module import leaky_integrator as _li
+from norse.torch.module import leaky_integrator_box as _libox
+from norse.torch.module import lif as _lif
+from norse.torch.module import lif_box as _lifbox
+from torch import nn
+
+from ..kernels import Kernel, register
+
+__all__ = ["lif_kernel", "box_kernel", "iaf_kernel"]
+
+
+def _t(v) -> torch.Tensor:
+    return torch.as_tensor(v, dtype=torch.float64).detach().cpu()
+
+
+def _dt(m: nn.Module) -> float:
+    return float(getattr(m, "dt", 1e-3))
+
+
+def lif_kernel(m: nn.Module) -> Kernel:
+    """``LIF``, ``LIFCell``, ``LI``, ``LICell``: current (decay b) feeding the membrane (decay 1-a)."""
+    dt = _dt(m)
+    a = dt * _t(m.p.tau_mem_inv)
+    b = 1.0 - dt * _t(m.p.tau_syn_inv)
+    return Kernel.second_order(b, 1.0 - a, a, name=f"norse.{type(m).__name__}",
+                               tau_mem=1.0 / _t(m.p.tau_mem_inv), tau_syn=1.0 / _t(m.p.tau_syn_inv), dt=dt)
+
+
+def box_kernel(m: nn.Module) -> Kernel:
+    """``LIFBoxCell``, ``LIBoxCell``: the membrane alone, h[n] = a (1 - a)^n."""
+    dt = _dt(m)
+    a = dt * _t(m.p.tau_mem_inv)
+    return Kernel.first_order(1.0 - a, a, name=f"norse.{type(m).__name__}",
+                              tau_mem=1.0 / _t(m.p.tau_mem_inv), dt=dt)
+
+
+def iaf_kernel(m: nn.Module) -> Kernel:
+    """``IAF``, ``IAFCell``: h[n] = 1 (``dt`` unused by norse's IAF step)."""
+    return Kernel.first_order(1.0, 1.0, name=f"norse.{type(m).__name__}")
+
+
+# norse modules are stateless between calls: no reset needed (None).
+for _cls in (_lif.LIF, _lif.LIFCell, _li.LI, _li.LICell):
+    register(_cls, lif_kernel, None)
+for _cls in (_lifbox.LIFBoxCell, _libox.LIBoxCell):
+    register(_cls, box_kernel, None)
+for _cls in (_iaf.IAF, _iaf.IAFCell):
+    register(_cls, iaf_kernel, None)

@@ -1,0 +1,951 @@
+"""Layer solvers: exact greedy OBS/OBQ (OBC), SparseGPT, GPTQ, magnitude and round-to-nearest.
+
+Pure tensors, no nn.Module. ``W`` is [R, d] (R output rows, d inputs), ``H`` the Hessian of the
+per-row loss, shared [d, d] or per row [R, d, d], with H = 2 E[(KX)^T (KX)] (its scale does not
+matter). Losses are 1/2 dw^T H dw: removing w_q alone, optimally compensated, costs
+w_q^2 / (2 [H^-1]_qq).
+
+Work is vectorised over rows, chunked so a chunk's working set stays under ``max_memory`` bytes,
+and runs on W's device in float32 (float64 when W is float64). Inputs whose diagonal of H is zero
+("dead": they never fired) carry no loss and are removed first.
+
+The exact greedy (``obs_path``, ``quantize_obq``) keeps, per row, H^-1 of the surviving weights.
+A step needs only diag(H^-1) (to choose) and one row of it (to compensate), so the rank-1
+downdates of ``_LAZY`` steps are kept as a low-rank term (H^-1 = Hi - U^T U) and applied in one
+batched matrix product; surviving indices are compacted now and then so the matrices shrink as
+weights go. H^-1 is normalised to mean(diag H) = 1, which keeps float32 well inside its range.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from .quant import Grid
+
+__all__ = ["damp_inverse", "PrunePath", "obs_path", "budget_counts", "solve_on_support", "prune_exact",
+           "prune_sparsegpt", "prune_magnitude", "quantize_obq", "quantize_gptq", "quantize_rtn",
+           "DEFAULT_MAX_MEMORY"]
+
+DEFAULT_MAX_MEMORY = 512 * 2 ** 20
+_LAZY = 128          # steps between batched downdates
+_FLOOR = 1e-12       # floor of diag(H^-1) (normalised; the true minimum is ~1/d)
+_RETRIES = 6
+
+
+def _cdtype(W: Tensor) -> torch.dtype:
+    return torch.float64 if W.dtype == torch.float64 else torch.float32
+
+
+def _progress(progress: bool, total: int, desc: str):
+    if not progress:
+        return None
+    from tqdm.auto import tqdm
+    return tqdm(total=total, desc=desc, unit="w", unit_scale=True, leave=False)
+
+
+# ---- damping --------------------------------------------------------------------------------------
+
+def _damped(H: Tensor, damp: float):
+    """Float64 (H_damped, cholesky factor, dead) for [d, d] or [R, d, d].
+
+    Dead inputs get a unit diagonal and no coupling, so removing them costs nothing and touches no
+    other weight. lambda = damp * mean of the live diagonal (scale-free); Cholesky failures retry
+    with 10x more damping, then fall back to an eigenvalue floor."""
+    batched = H.dim() == 3
+    H = torch.nan_to_num(H.detach().to(torch.float64), nan=0.0, posinf=0.0, neginf=0.0)
+    if not batched:
+        H = H[None]
+    H = 0.5 * (H + H.mT)
+    d = H.shape[-1]
+    dead = H.diagonal(dim1=1, dim2=2) <= 0
+    H = H.masked_fill(dead[:, :, None] | dead[:, None, :], 0.0)
+    diag = H.diagonal(dim1=1, dim2=2)
+    live = (~dead).to(H.dtype)
+    mean = (diag * live).sum(1) / live.sum(1).clamp_min(1.0)
+    mean = torch.where(mean > 0, mean, torch.ones_like(mean))
+    diag.masked_fill_(dead, 1.0)
+    lam = mean * damp if damp > 0 else torch.zeros_like(mean)
+    eye = torch.eye(d, dtype=H.dtype, device=H.device)
+    Hd = H + lam[:, None, None] * eye
+    L, info = torch.linalg.cholesky_ex(Hd)
+    for _ in range(_RETRIES):
+        bad = info != 0
+        if not bool(bad.any()):
+            break
+        lam = torch.where(bad, torch.where(lam > 0, lam * 10, mean * 1e-6), lam)
+        Hd[bad] = H[bad] + lam[bad, None, None] * eye
+        L[bad], info[bad] = torch.linalg.cholesky_ex(Hd[bad])
+    bad = info != 0
+    if bool(bad.any()):  # not even heavy damping helped (non-finite or wildly indefinite input)
+        e, V = torch.linalg.eigh(H[bad])
+        e = e.clamp_min(mean[bad, None] * damp + 1e-6 * e.abs().amax(1, keepdim=True).clamp_min(1e-300))
+        Hd[bad] = (V * e[:, None, :]) @ V.mT
+        Hd[bad] = 0.5 * (Hd[bad] + Hd[bad].mT)
+        L[bad], info[bad] = torch.linalg.cholesky_ex(Hd[bad])
+        bad = info != 0
+        if bool(bad.any()):
+            Hd[bad] = torch.diag_embed(H[bad].diagonal(dim1=1, dim2=2).abs() + mean[bad, None])
+            L[bad] = torch.linalg.cholesky(Hd[bad])
+    if not batched:
+        return Hd[0], L[0], dead[0]
+    return Hd, L, dead
+
+
+def _chol_inverse(L: Tensor) -> Tensor:
+    """(L L^T)^-1 from the lower factor: a triangular inverse and one product (LAPACK's potri is
+    several times slower here)."""
+    eye = torch.eye(L.shape[-1], dtype=L.dtype, device=L.device)
+    Li = torch.linalg.solve_triangular(L, eye.expand_as(L), upper=False)
+    return Li.mT @ Li
+
+
+def damp_inverse(H: Tensor, damp: float = 0.01):
+    """(H + lambda I)^-1 in float64 and the dead-input mask, for [d, d] or [R, d, d]."""
+    _, L, dead = _damped(H, damp)
+    return _chol_inverse(L), dead
+
+
+def _rows_per_chunk(bytes_per_row: float, R: int, max_memory: int) -> int:
+    return int(max(1, min(R, max_memory // max(1.0, bytes_per_row))))
+
+
+# ---- the greedy engine ----------------------------------------------------------------------------
+
+class _threads:
+    """Run a block with ``n`` intra-op threads (CPU only), restoring the caller's count after.
+    The greedy's per-step ops are small (c x n vectors): one thread does them as fast as two on an
+    idle machine and avoids barrier stalls on a busy one; the big products get all threads."""
+
+    def __init__(self, n: int | None, device):
+        self.n = n if (n is not None and torch.device(device).type == "cpu") else None
+
+    def __enter__(self):
+        if self.n is not None:
+            self.prev = torch.get_num_threads()
+            if self.prev != self.n:
+                torch.set_num_threads(self.n)
+        return self
+
+    def __exit__(self, *exc):
+        if self.n is not None and torch.get_num_threads() != self.prev:
+            torch.set_num_threads(self.prev)
+
+
+class _Lazy:
+    """Per-row H^-1 of a chunk's active inputs with lazy rank-k downdates: the current H^-1 is
+    Hi - U[:j]^T U[:j], Hi being the leading n x n window of a fixed [c, n0, n0] buffer.
+
+    After each flush the surviving positions are moved to the front of the window by swapping
+    them with the removed ones there (O(B n) per row, not a full O(n^2) copy) and the window
+    shrinks, so the products only ever touch surviving weights."""
+
+    def __init__(self, Hi: Tensor, lazy: int):
+        c, n, _ = Hi.shape
+        self.buf, self.Ubuf = Hi, Hi.new_empty(c, lazy, n)
+        self.c, self.n, self.B, self.j = c, n, lazy, 0
+        self.ar = torch.arange(c, device=Hi.device)
+        self.nthreads = torch.get_num_threads()     # for the products; steps run on one thread
+
+    @property
+    def Hi(self) -> Tensor:
+        return self.buf[:, :self.n, :self.n]
+
+    def rows(self, q: Tensor) -> Tensor:
+        """Current H^-1 rows q: [c] -> [c, n]; [c, k] -> [c, k, n]."""
+        n, j = self.n, self.j
+        if q.dim() == 1:
+            r = self.buf[self.ar, q, :n]
+            if j:
+                uq = self.Ubuf[self.ar, :j, q]
+                r = torch.baddbmm(r[:, None], uq[:, None], self.Ubuf[:, :j, :n], alpha=-1)[:, 0]
+            return r
+        r = self.buf[self.ar[:, None], q, :n]
+        if j:
+            U = self.Ubuf[:, :j, :n]
+            r = torch.baddbmm(r, U.gather(2, q[:, None, :].expand(-1, j, -1)).mT, U, alpha=-1)
+        return r
+
+    def slot(self, k: int) -> Tensor:
+        if self.j + k > self.B:
+            self.flush()
+        if self.B > self.Ubuf.shape[1]:
+            self.Ubuf = self.Ubuf.new_empty(self.c, self.B, self.n)
+        u = self.Ubuf[:, self.j:self.j + k, :self.n]
+        self.j += k
+        return u
+
+    def flush(self):
+        if self.j:
+            U = self.Ubuf[:, :self.j, :self.n]
+            with _threads(self.nthreads, U.device):
+                self.Hi.baddbmm_(U.mT, U, alpha=-1)
+            self.j = 0
+
+    def diag(self) -> Tensor:
+        return self.Hi.diagonal(dim1=1, dim2=2).clamp_min(_FLOOR)
+
+    def compact(self, active: Tensor, *vecs: Tensor):
+        """Flush, move the active positions ([c, n] mask) into the first m = max count, shrink the
+        window to m; the per-position vectors ``vecs`` get the same moves. Returns them."""
+        self.flush()
+        n = self.n
+        m = max(int(active.sum(1).max()), 1)
+        lo = torch.arange(n, device=active.device) < m
+        holes, late = ~active & lo, active & ~lo
+        nlate = late.sum(1)
+        K = int(nlate.max())
+        if K:
+            a = torch.sort((~holes).to(torch.int8), dim=1, stable=True).indices[:, :K]
+            b = torch.sort((~late).to(torch.int8), dim=1, stable=True).indices[:, :K]
+            ok = torch.arange(K, device=a.device)[None] < nlate[:, None]
+            a = torch.where(ok, a, n - 1)            # padding: position n - 1 onto itself
+            b = torch.where(ok, b, n - 1)
+            V = self.Hi
+            ar = self.ar[:, None]
+            V[ar, a] = V[ar, b]                                     # rows
+            Vm = V[:, :m]
+            Vm.scatter_(2, a[:, None].expand(-1, m, -1), Vm.gather(2, b[:, None].expand(-1, m, -1)))  # columns
+            vecs = tuple(v.scatter(1, a, v.gather(1, b)) for v in vecs)
+        self.n = m
+        return tuple(v[:, :m] for v in vecs)
+
+
+def _greedy(lz: _Lazy, w: Tensor, pen: Tensor, idx: Tensor, steps: int, *, quant=None, nm=None, bar=None):
+    """One weight per step per row (OBS pruning if ``quant`` is None, else OBQ).
+
+    pen [c, n]: 0 eligible, -inf forced first, +inf never, large finite = filler picked last.
+    Returns per step: original index, error e_q (w_q or w_q - quant(w_q)), [H^-1]_qq, target t_q."""
+    c = w.shape[0]
+    ar = lz.ar
+    inf = float("inf")
+    rq = torch.empty(steps, c, dtype=torch.int64, device=w.device)
+    re = torch.empty(steps, c, dtype=w.dtype, device=w.device)
+    rd = torch.empty_like(re)
+    rt = torch.zeros_like(re) if quant is not None else None
+    if quant is not None:
+        sc, qmin, qmax = quant
+    if nm is not None:
+        gid, cnt, cap = nm
+    diag = lz.diag()
+    diag.masked_fill_(~_live(pen), 1.0)
+    told = 0
+    for s in range(steps):
+        if quant is not None:
+            t = torch.round(w / sc).clamp_(qmin, qmax).mul_(sc)
+            e = w - t
+        else:
+            e = w
+        score = torch.addcdiv(pen, e * e, diag)
+        q = score.argmin(1)
+        q1 = q[:, None]
+        col = lz.rows(q)
+        dq = col.gather(1, q1).clamp_min_(_FLOOR)
+        eq = e.gather(1, q1)
+        r = dq.rsqrt()
+        u = lz.slot(1)[:, 0]
+        torch.mul(col, r, out=u)
+        rq[s] = idx.gather(1, q1)[:, 0]
+        re[s] = eq[:, 0]
+        rd[s] = dq[:, 0]
+        if quant is not None:
+            rt[s] = t.gather(1, q1)[:, 0]
+        w.addcmul_(u, eq * r, value=-1)           # w -= e_q / [H^-1]_qq * H^-1[:, q]
+        diag.addcmul_(u, u, value=-1)
+        w.scatter_(1, q1, 0.0)
+        diag.scatter_(1, q1, 1.0)
+        pen.scatter_(1, q1, inf)
+        if nm is not None:                        # a full group's other members become ineligible
+            g = gid.gather(1, q1)
+            cnt.scatter_add_(1, g, torch.ones_like(g))
+            full = cnt.gather(1, g) >= cap
+            pen.masked_fill_((gid == g) & full, inf)
+        if lz.j == lz.B or s == steps - 1:
+            if bar is not None:
+                bar.update((s + 1 - told) * c)
+                told = s + 1
+            if s < steps - 1:
+                if nm is None:
+                    w, pen, idx = lz.compact(_live(pen), w, pen, idx)
+                else:
+                    w, pen, idx, gid = lz.compact(_live(pen), w, pen, idx, gid)
+            else:
+                lz.flush()
+            diag = lz.diag()
+            diag.masked_fill_(~_live(pen), 1.0)
+    return rq.T, re.T, rd.T, (rt.T if rt is not None else None)
+
+
+def _live(pen: Tensor) -> Tensor:
+    """Positions still in play (pen +inf: removed, or frozen in a full N:M group)."""
+    return ~(torch.isinf(pen) & (pen > 0))
+
+
+def _nm_select(score: Tensor, k: int, gid: Tensor, room: Tensor) -> Tensor:
+    """k smallest scores per row with at most room[g] picks from group g: [c, k] positions."""
+    order = torch.sort(score, dim=1, stable=True).indices
+    g = gid.gather(1, order)
+    # rank of each candidate inside its group, in score order: stable-sort by group, count from the
+    # group's first position
+    by_g = torch.sort(g, dim=1, stable=True)
+    n = score.shape[1]
+    pos = torch.arange(n, device=score.device).expand_as(g)
+    start = torch.where(torch.cat([torch.ones_like(g[:, :1], dtype=torch.bool),
+                                   by_g.values[:, 1:] != by_g.values[:, :-1]], 1), pos, 0)
+    rank_sorted = pos - start.cummax(1).values
+    rank = torch.empty_like(rank_sorted).scatter_(1, by_g.indices, rank_sorted)
+    ok = rank < room.gather(1, g)
+    sc = torch.where(ok, score.gather(1, order), torch.full_like(score, float("inf")))
+    pick = torch.sort(sc, dim=1, stable=True).indices[:, :k]
+    return order.gather(1, pick)
+
+
+def _greedy_block(lz: _Lazy, w: Tensor, pen: Tensor, idx: Tensor, steps: int, k: int, *, nm=None, bar=None):
+    """k weights per step per row, group OBS update w -= H^-1[:, P] ([H^-1]_PP)^-1 w_P.
+    Per removed index, records its own score (w_q^2 / [H^-1]_qq at selection), ascending."""
+    c = w.shape[0]
+    ar = lz.ar
+    inf = float("inf")
+    rq = torch.empty(c, steps, dtype=torch.int64, device=w.device)
+    re = torch.empty(c, steps, dtype=w.dtype, device=w.device)
+    rd = torch.empty_like(re)
+    lz.B = max(lz.B, k)
+    diag = lz.diag()
+    diag.masked_fill_(~_live(pen), 1.0)
+    done = 0
+    while done < steps:
+        kk = min(k, steps - done)
+        if lz.j + kk > lz.B:
+            if nm is None:
+                w, pen, idx = lz.compact(_live(pen), w, pen, idx)
+            else:
+                w, pen, idx, gid = lz.compact(_live(pen), w, pen, idx, nm[0])
+                nm = (gid, nm[1], nm[2])
+            diag = lz.diag()
+            diag.masked_fill_(~_live(pen), 1.0)
+        score = torch.addcdiv(pen, w * w, diag)
+        if nm is None:
+            P = torch.sort(score, dim=1, stable=True).indices[:, :kk]
+        else:
+            gid, cnt, cap = nm
+            room = (cap - cnt).clamp_min(0)
+            P = _nm_select(score, kk, gid, room)
+        rows = lz.rows(P)                                            # [c, kk, n]
+        A = rows.gather(2, P[:, None, :].expand(-1, kk, -1))         # [H^-1]_PP
+        A = 0.5 * (A + A.mT)
+        Lc, info = torch.linalg.cholesky_ex(A)
+        if bool((info != 0).any()):
+            A = A + torch.diag_embed(A.diagonal(dim1=1, dim2=2).abs().clamp_min(_FLOOR) * 1e-6)
+            Lc = torch.linalg.cholesky_ex(A)[0]
+        Z = torch.linalg.solve_triangular(Lc, rows, upper=False)     # new low-rank rows: L^-1 H^-1[P, :]
+        wP = w.gather(1, P)
+        z = torch.linalg.solve_triangular(Lc, wP[:, :, None], upper=False)
+        lz.slot(kk).copy_(Z)
+        dP = diag.gather(1, P)
+        sc_P = (wP * wP / dP)
+        o = torch.sort(sc_P, dim=1, stable=True).indices
+        rq[:, done:done + kk] = idx.gather(1, P).gather(1, o)
+        re[:, done:done + kk] = wP.gather(1, o)
+        rd[:, done:done + kk] = dP.gather(1, o)
+        w.sub_(torch.bmm(z.mT, Z)[:, 0])
+        diag.sub_((Z * Z).sum(1)).clamp_min_(_FLOOR)
+        w.scatter_(1, P, 0.0)
+        diag.scatter_(1, P, 1.0)
+        pen.scatter_(1, P, inf)
+        if nm is not None:
+            gid, cnt, cap = nm
+            g = gid.gather(1, P)
+            cnt.scatter_add_(1, g, torch.ones_like(g))
+            fullg = cnt >= cap                                       # [c, G]
+            pen.masked_fill_(fullg.gather(1, gid), inf)
+        done += kk
+        if bar is not None:
+            bar.update(kk * c)
+    lz.flush()
+    return rq, re, rd
+
+
+# ---- pruning paths ----------------------------------------------------------------------------------
+
+@dataclass
+class PrunePath:
+    """Greedy removal path of each row.
+
+    order [R, S] int64: input removed at step s; loss [R, S] float64: that step's loss increase
+    (w_q^2 / (2 [H^-1]_qq), 0 for dead inputs), made non-decreasing along each row by a running
+    max, so a layer's k smallest losses form a prefix of every row."""
+    order: Tensor
+    loss: Tensor
+
+
+def _nm_groups(d: int, nm, device):
+    n, m = nm
+    if not (isinstance(n, int) and isinstance(m, int) and 0 <= n < m):
+        raise ValueError(f"nm must be (n, m) with 0 <= n < m, got {nm!r}")
+    gid = torch.arange(d, device=device) // m
+    G = (d + m - 1) // m
+    size = torch.bincount(gid, minlength=G)
+    cap = m - n
+    return gid, G, cap, int(size.clamp(max=cap).sum())
+
+
+def obs_path(W: Tensor, H: Tensor, *, max_steps: int | None = None, block: int = 1, nm=None,
+             damp: float = 0.01, progress: bool = False, max_memory: int = DEFAULT_MAX_MEMORY) -> PrunePath:
+    """Greedy OBS (OBC) removal path of every row of W [R, d], up to ``max_steps`` steps.
+
+    Step: q = argmin w_q^2 / [H^-1]_qq over the eligible weights; w -= w_q / [H^-1]_qq H^-1[:, q];
+    H^-1 -= H^-1[:, q] H^-1[q, :] / [H^-1]_qq. ``block=k`` removes the k best per step with the
+    group update. ``nm=(n, m)``: at most m - n removed per group of m consecutive inputs (the path
+    ends when every group is full). Dead inputs come first, at loss 0."""
+    R, d = W.shape
+    dev, cdt = W.device, _cdtype(W)
+    shared = H.dim() == 2
+    if H.shape[-2:] != (d, d) or (not shared and H.shape[0] != R):
+        raise ValueError(f"H must be [{d}, {d}] or [{R}, {d}, {d}], got {tuple(H.shape)}")
+    block = max(1, int(block))
+    if nm is not None:
+        gid_all, G, cap, total = _nm_groups(d, nm, dev)
+    else:
+        total = d
+    S = total if max_steps is None else max(0, min(int(max_steps), total))
+    order = torch.empty(R, S, dtype=torch.int64, device=dev)
+    loss = torch.zeros(R, S, dtype=torch.float64, device=dev)
+    if S == 0 or R == 0:
+        return PrunePath(order, loss)
+    if shared:
+        Hd, L, dead_s = _damped(H.to(dev), damp)
+        live_s = torch.nonzero(~dead_s)[:, 0]
+        # dead inputs are decoupled, so the live block of L is the Cholesky factor of the live block
+        Hinv_live = _chol_inverse(L[live_s][:, live_s]) if live_s.numel() else None
+        sigma_s = Hd.diagonal()[live_s].mean() if live_s.numel() else Hd.new_tensor(1.0)
+        del Hd, L
+    bar = _progress(progress, R * S, "OBS path")
+    es = torch.finfo(cdt).bits // 8
+    per_row = es * (d * d + _LAZY * d + 16 * d) if shared else 8 * 3 * d * d + es * (d * d + _LAZY * d)
+    c_max = _rows_per_chunk(per_row, R, max_memory)
+    if shared and c_max < R:  # active set known: size chunks by it
+        n_act = int((~dead_s).sum())
+        c_max = _rows_per_chunk(es * (n_act * n_act + _LAZY * n_act + 16 * d), R, max_memory)
+    Hi0 = None
+    for r0 in range(0, R, c_max):
+        rows = slice(r0, min(R, r0 + c_max))
+        c = rows.stop - rows.start
+        if shared:
+            dead, sigma = dead_s[None].expand(c, d), sigma_s.reshape(1)
+        else:
+            Hd_c, L_c, dead = _damped(H[rows].to(dev), damp)
+            Hinv_c = _chol_inverse(L_c)
+            live = (~dead).to(torch.float64)
+            sigma = (Hd_c.diagonal(dim1=1, dim2=2) * live).sum(1) / live.sum(1).clamp_min(1)
+            sigma = torch.where(sigma > 0, sigma, torch.ones_like(sigma))
+            del Hd_c, L_c
+        common = dead.all(0)                       # removed up front, outside the greedy
+        if nm is not None:
+            # dead inputs count against their group's allowance: the first `cap` of each group go
+            rank = torch.cumsum(common.to(torch.int64), 0) - 1
+            first = torch.zeros(G, dtype=torch.int64, device=dev).scatter_reduce_(
+                0, gid_all, torch.where(common, rank, torch.full_like(rank, 1 << 40)), "amin", include_self=False)
+            pre = common & ((rank - first[gid_all]) < cap)
+            cnt0 = torch.bincount(gid_all[pre], minlength=G)
+            act = ~pre & (cnt0 < cap)[gid_all]
+        else:
+            pre = common
+            act = ~common
+        pre_idx = torch.nonzero(pre)[:, 0]
+        plen = min(int(pre_idx.numel()), S)
+        order[rows, :plen] = pre_idx[:plen]
+        steps = S - plen
+        if steps > 0:
+            a_idx = torch.nonzero(act)[:, 0]
+            n = int(a_idx.numel())
+            if shared:
+                if Hi0 is None:   # a_idx is a subset of the live inputs
+                    sub = torch.searchsorted(live_s, a_idx)
+                    Hi0 = (Hinv_live[sub][:, sub] * sigma_s).to(cdt)
+                Hi = Hi0[None].expand(c, n, n).clone()
+            else:
+                Hi = (Hinv_c[:, a_idx][:, :, a_idx] * sigma[:, None, None]).to(cdt)
+            w = W[rows][:, a_idx].to(cdt).clone()
+            forced = dead[:, a_idx]
+            pen = torch.zeros(c, n, dtype=cdt, device=dev).masked_fill_(forced, -float("inf"))
+            idx = a_idx[None].expand(c, n).contiguous()
+            nm_state = None
+            if nm is not None:
+                nm_state = (gid_all[a_idx][None].expand(c, n).contiguous(), cnt0[None].repeat(c, 1), cap)
+            lz = _Lazy(Hi, _LAZY)
+            del Hi
+            with _threads(1, dev):
+                if block == 1:
+                    q, e, dq, _ = _greedy(lz, w, pen, idx, steps, nm=nm_state, bar=bar)
+                else:
+                    q, e, dq = _greedy_block(lz, w, pen, idx, steps, block, nm=nm_state, bar=bar)
+            del lz
+            lo = e.double() ** 2 / (2 * dq.double()) * sigma.to(dev)[:, None]
+            lo = lo.masked_fill(dead[torch.arange(c, device=dev)[:, None], q], 0.0)
+            order[rows, plen:] = q
+            loss[rows, plen:] = lo
+        if bar is not None:
+            bar.update(c * plen)
+    if bar is not None:
+        bar.close()
+    loss = torch.nan_to_num(loss, nan=0.0, posinf=torch.finfo(torch.float64).max).cummax(1).values
+    return PrunePath(order, loss)
+
+
+def budget_counts(path: PrunePath, k: int, row_scale: Tensor | None = None) -> Tensor:
+    """How many of its first path steps each row takes when the layer removes its k cheapest steps
+    (each row's losses times row_scale[r], e.g. a BatchNorm gain^2). Ties: earlier rows first."""
+    loss = path.loss.to(torch.float64)
+    R, S = loss.shape
+    k = int(k)
+    if k < 0 or k > R * S:
+        raise ValueError(f"budget k={k} outside [0, {R * S}] (R={R} rows x {S} computed steps)")
+    if row_scale is not None:
+        loss = loss * row_scale.to(device=loss.device, dtype=torch.float64).clamp_min(0).reshape(R, 1)
+    if k == 0:
+        return torch.zeros(R, dtype=torch.int64, device=loss.device)
+    flat = torch.nan_to_num(loss, nan=float("inf")).reshape(-1)
+    pick = torch.sort(flat, stable=True).indices[:k]
+    return torch.bincount(pick // S, minlength=R)
+
+
+def _keep_from_counts(order: Tensor, counts: Tensor, d: int) -> Tensor:
+    R, S = order.shape
+    removed = torch.arange(S, device=order.device)[None] < counts.to(order.device)[:, None]
+    keep = torch.ones(R, d + 1, dtype=torch.bool, device=order.device)   # column d: sink for the rest
+    return keep.scatter_(1, torch.where(removed, order, d), False)[:, :d]
+
+
+# ---- weights on a fixed support ---------------------------------------------------------------------
+
+def _padded(mask: Tensor):
+    """[c, d] bool -> ([c, m] positions of the True entries, ascending, padded; [c, m] validity)."""
+    cnt = mask.sum(1)
+    m = max(int(cnt.max()), 1) if mask.numel() else 1
+    pos = torch.sort((~mask).to(torch.int8), dim=1, stable=True).indices[:, :m]
+    valid = torch.arange(m, device=mask.device)[None] < cnt[:, None]
+    return pos, valid
+
+
+def _sym_gather(M: Tensor, pos: Tensor, valid: Tensor) -> Tensor:
+    """M[pos][:, pos] per row (M [d, d] shared or [c, d, d]), identity on padding."""
+    c, m = pos.shape
+    if M.dim() == 2:
+        A = M[pos[:, :, None], pos[:, None, :]]
+    else:
+        ar = torch.arange(c, device=M.device)[:, None, None]
+        A = M[ar, pos[:, :, None], pos[:, None, :]]
+    both = valid[:, :, None] & valid[:, None, :]
+    eye = torch.eye(m, dtype=M.dtype, device=M.device).expand(c, m, m)
+    return torch.where(both, A, eye)
+
+
+def _spd_solve(A: Tensor, b: Tensor) -> Tensor:
+    L, info = torch.linalg.cholesky_ex(A)
+    if bool((info != 0).any()):
+        bad = info != 0
+        A = A.clone()
+        A[bad] = A[bad] + torch.diag_embed(A[bad].diagonal(dim1=1, dim2=2).abs().amax(1, keepdim=True)
+                                           .expand(-1, A.shape[-1]) * 1e-10)
+        L, info = torch.linalg.cholesky_ex(A)
+        if bool((info != 0).any()):
+            return torch.linalg.lstsq(A, b[..., None]).solution[..., 0]
+    return torch.cholesky_solve(b[..., None], L)[..., 0]
+
+
+def solve_on_support(W: Tensor, H: Tensor, keep_mask: Tensor, damp: float = 0.01,
+                     max_memory: int = DEFAULT_MAX_MEMORY) -> Tensor:
+    """argmin (w - w0)^T H_damped (w - w0) subject to w = 0 off the kept support, per row.
+
+    Kept support S, pruned P: w_S = w0_S + H_SS^-1 H_SP w0_P, or equivalently (cheaper when P is the
+    smaller set) w = w0 - H^-1[:, P] ([H^-1]_PP)^-1 w0_P; each row uses the smaller system. Float64."""
+    R, d = W.shape
+    dev = W.device
+    keep = keep_mask.to(device=dev, dtype=torch.bool)
+    w0 = W.detach().to(torch.float64)
+    out = w0 * keep
+    if R == 0:
+        return out.to(W.dtype)
+    shared = H.dim() == 2
+    nS = keep.sum(1)
+    useS = nS <= d - nS
+    # rows grouped by form and sorted by system size so padding stays small
+    for form in (True, False):
+        sel = torch.nonzero(useS == form)[:, 0]
+        if sel.numel() == 0:
+            continue
+        size = nS[sel] if form else d - nS[sel]
+        srt = torch.sort(size, stable=True).indices
+        sel, size = sel[srt], size[srt]
+        if bool(((nS[sel] == 0) if form else (nS[sel] == d)).all()):
+            continue  # nothing kept (already 0) / nothing pruned (already w0)
+        if shared:
+            Hd, L, _ = _damped(H.to(dev), damp)
+            M = Hd if form else _chol_inverse(L)
+            del L
+        i = 0
+        while i < sel.numel():
+            def per_row(m):
+                return 8 * (3 * m * m + (0 if form else m * d) + 4 * d) + (0 if shared else 8 * 3 * d * d)
+            # sizes ascend: a chunk's last row bounds its padded size
+            c0 = _rows_per_chunk(per_row(int(size[i])), sel.numel() - i, max_memory)
+            c = _rows_per_chunk(per_row(int(size[i + c0 - 1])), sel.numel() - i, max_memory)
+            rr = sel[i:i + c]
+            i += c
+            if not shared:
+                Hd_c, L_c, _ = _damped(H[rr.to(H.device)].to(dev), damp)
+                M = Hd_c if form else _chol_inverse(L_c)
+                del L_c
+            kr = keep[rr]
+            pos, valid = _padded(kr if form else ~kr)
+            A = _sym_gather(M, pos, valid)
+            if form:
+                pruned_w = w0[rr] * ~kr
+                v = pruned_w @ M if shared else torch.bmm(pruned_w[:, None], M)[:, 0]   # H P-columns
+                b = v.gather(1, pos) * valid
+                x = _spd_solve(A, b) * valid
+                o = out[rr]
+                o.scatter_add_(1, pos, x)
+                out[rr] = o
+            else:
+                b = w0[rr].gather(1, pos) * valid
+                y = _spd_solve(A, b) * valid
+                if shared:
+                    rowsP = M[pos]                                   # [c, m, d]
+                else:
+                    rowsP = M[torch.arange(len(rr), device=dev)[:, None], pos]
+                dw = torch.bmm(y[:, None], rowsP)[:, 0]
+                out[rr] = (w0[rr] - dw) * kr
+    return out.to(W.dtype)
+
+
+def _row_losses(W0: Tensor, W1: Tensor, H: Tensor, row_scale=None) -> Tensor:
+    dw = (W1.to(torch.float64) - W0.to(torch.float64))
+    Hh = torch.nan_to_num(H.to(device=dw.device, dtype=torch.float64))
+    Hdw = dw @ Hh if Hh.dim() == 2 else torch.bmm(Hh, dw[:, :, None])[:, :, 0]
+    l = 0.5 * (dw * Hdw).sum(1)
+    if row_scale is not None:
+        l = l * row_scale.to(device=l.device, dtype=torch.float64).reshape(-1)
+    return l
+
+
+def _budget(sparsity, R: int, d: int, nm) -> int:
+    if sparsity is None:
+        if nm is None:
+            raise ValueError("sparsity is required without nm")
+        return R * _nm_groups(d, nm, "cpu")[3]
+    if not 0 <= float(sparsity) <= 1:
+        raise ValueError(f"sparsity must be in [0, 1], got {sparsity!r}")
+    k = int(round(float(sparsity) * R * d))
+    if nm is not None and k > R * _nm_groups(d, nm, "cpu")[3]:
+        raise ValueError(f"sparsity {sparsity} exceeds what the {nm[0]}:{nm[1]} pattern allows")
+    return k
+
+
+def prune_exact(W: Tensor, H: Tensor, sparsity, *, block: int = 1, nm=None, row_scale: Tensor | None = None,
+                damp: float = 0.01, progress: bool = False, max_memory: int = DEFAULT_MAX_MEMORY):
+    """Prune the layer's round(sparsity * R * d) cheapest greedy steps (OBS path + layer budget),
+    then the closed-form optimum on the kept support. ``sparsity=None`` with ``nm``: the full
+    pattern. Returns (W_new, keep_mask, row_losses = row_scale * 1/2 dw^T H dw per row)."""
+    R, d = W.shape
+    k = _budget(sparsity, R, d, nm)
+    total = d if nm is None else _nm_groups(d, nm, "cpu")[3]
+    if k == 0:
+        keep = torch.ones(R, d, dtype=torch.bool, device=W.device)
+        return W.clone(), keep, torch.zeros(R, dtype=torch.float64, device=W.device)
+    # the path only as far as the budget can reach; rows that use all their computed steps are
+    # extended (their unseen losses might still be under the layer's threshold)
+    S0 = total if k > 0.6 * R * total else min(total, math.ceil(1.5 * k / R) + 32)
+    path = obs_path(W, H, max_steps=S0, block=block, nm=nm, damp=damp, progress=progress, max_memory=max_memory)
+    counts = budget_counts(path, k, row_scale)
+    need = (counts >= S0) & (S0 < total)
+    if bool(need.any()):
+        sel = torch.nonzero(need)[:, 0]
+        ext = obs_path(W[sel], H if H.dim() == 2 else H[sel.to(H.device)], block=block, nm=nm, damp=damp,
+                       progress=progress, max_memory=max_memory)
+        order = torch.zeros(R, total, dtype=torch.int64, device=W.device)
+        loss = torch.full((R, total), float("inf"), dtype=torch.float64, device=W.device)
+        order[:, :S0], loss[:, :S0] = path.order, path.loss
+        # filler for unextended rows (never selected: +inf loss); any valid index will do
+        order[:, S0:] = path.order[:, :1]
+        order[sel], loss[sel] = ext.order, ext.loss
+        path = PrunePath(order, loss)
+        counts = budget_counts(path, k, row_scale)
+    keep = _keep_from_counts(path.order, counts, d)
+    W_new = solve_on_support(W, H, keep, damp, max_memory=max_memory)
+    return W_new, keep, _row_losses(W, W_new, H, row_scale)
+
+
+# ---- fast column sweeps (SparseGPT, GPTQ) -----------------------------------------------------------
+
+def _chol_hinv_upper(Hd: Tensor) -> Tensor:
+    """Upper Cholesky factor U of Hd^-1 (Hd^-1 = U^T U), float64: row i holds the error-spreading
+    coefficients of column i once columns < i are fixed (GPTQ's form of the OBS downdates).
+    With J the order reversal and J Hd J = L L^T: Hd^-1 = (J L^-1 J)^T (J L^-1 J), and J L^-1 J is
+    upper triangular, so one Cholesky and one triangular inverse suffice."""
+    d = Hd.shape[0]
+    eye = torch.eye(d, dtype=Hd.dtype, device=Hd.device)
+    Hf = Hd.flip(0, 1)
+    L, info = torch.linalg.cholesky_ex(Hf)
+    jit = 1e-10
+    while int(info) != 0 and jit < 1:
+        L, info = torch.linalg.cholesky_ex(Hf + eye * Hf.diagonal().abs().mean() * jit)
+        jit *= 100
+    return torch.linalg.solve_triangular(L, eye, upper=False).flip(0, 1)
+
+
+def _sweep(w: Tensor, Uc: Tensor, blocksize: int, target):
+    """In place: columns left to right, column i := target(i, W1, U1, il) (W1 the current block,
+    il the column inside it), its error spread over the later columns; blocks of ``blocksize``
+    columns, the rest of the matrix updated once per block (lazy batch)."""
+    R, n = w.shape
+    for i1 in range(0, n, blocksize):
+        i2 = min(i1 + blocksize, n)
+        W1 = w[:, i1:i2].clone()
+        U1 = Uc[i1:i2, i1:i2]
+        Err = torch.empty_like(W1)
+        for il in range(i2 - i1):
+            q = target(i1 + il, W1, U1, il)
+            err = (W1[:, il] - q) / U1[il, il]
+            W1[:, il:].addr_(err, U1[il, il:], alpha=-1)
+            W1[:, il] = q
+            Err[:, il] = err
+        w[:, i1:i2] = W1
+        if i2 < n:
+            w[:, i2:].addmm_(Err, Uc[i1:i2, i2:], alpha=-1)
+
+
+def _smallest_mask(score: Tensor, k: int) -> Tensor:
+    """Bool mask of the k smallest entries of score (any shape; ties: first in memory order)."""
+    flat = score.reshape(-1)
+    mask = torch.zeros_like(flat, dtype=torch.bool)
+    if k > 0:
+        mask[torch.sort(flat, stable=True).indices[:k]] = True
+    return mask.view_as(score)
+
+
+def _quotas(k: int, weights: list[int]) -> list[int]:
+    """Split k over parts by cumulative rounding of k * (cumulative weight share): sums to k,
+    part i gets at most weights[i] when k <= sum(weights)."""
+    tot = sum(weights)
+    out, acc, prev = [], 0, 0
+    for wgt in weights:
+        acc += wgt
+        cur = int(math.floor(k * acc / tot + 0.5)) if tot else 0
+        out.append(cur - prev)
+        prev = cur
+    return out
+
+
+def prune_sparsegpt(W: Tensor, H: Tensor, sparsity, *, nm=None, blocksize: int = 128, damp: float = 0.01):
+    """SparseGPT: the column sweep with the mask chosen per block of ``blocksize`` columns by
+    w^2 / [chol(H^-1)]_jj^2 (current, compensated weights), each block's share of the layer budget
+    fixed up front so the layer hits round(sparsity * R * d) exactly. ``nm=(n, m)``: per group of m
+    columns, each row's m - n lowest scores (the group's share of the budget; ``sparsity=None``:
+    the full pattern). Dead inputs go first. Shared H [d, d] only. Returns (W_new, keep_mask)."""
+    if H.dim() != 2:
+        raise ValueError("prune_sparsegpt needs a shared H [d, d]; group rows that share a Hessian")
+    R, d = W.shape
+    dev, cdt = W.device, _cdtype(W)
+    k = _budget(sparsity, R, d, nm)
+    Hd, _, dead = _damped(H.to(dev), damp)
+    w = W.detach().to(cdt).clone()
+    prune = torch.zeros(R, d, dtype=torch.bool, device=dev)
+    if nm is None:
+        dcols = torch.nonzero(dead)[:, 0]
+        nd = R * int(dcols.numel())
+        if k <= nd:   # only free weights go: any k of them, the smallest first
+            prune[:, dcols] = _smallest_mask(w[:, dcols].abs(), k)
+            return (w * ~prune).to(W.dtype), ~prune
+        prune[:, dcols] = True
+        a = torch.nonzero(~dead)[:, 0]
+        Uc = _chol_hinv_upper(Hd[a][:, a]).to(cdt)
+        wa = w[:, a].contiguous()
+        da = int(a.numel())
+        bounds = list(range(0, da, blocksize))
+        quota = _quotas(k - nd, [min(blocksize, da - b) for b in bounds])
+        pa = torch.zeros(R, da, dtype=torch.bool, device=dev)
+        dg = Uc.diagonal()
+
+        def target(i, W1, U1, il):
+            if il == 0:
+                b = i // blocksize
+                pa[:, i:i + W1.shape[1]] = _smallest_mask(W1 ** 2 / dg[i:i + W1.shape[1]] ** 2, quota[b])
+            return W1[:, il] * ~pa[:, i]
+        _sweep(wa, Uc, blocksize, target)
+        w[:, a] = wa
+        prune[:, a] = pa
+    else:
+        gid, G, cap, tot = _nm_groups(d, nm, dev)
+        m = nm[1]
+        bs = max(m, blocksize // m * m)
+        sizes = [min(m, d - g * m) for g in range(G)]
+        quota = _quotas(k, [R * min(cap, s_) for s_ in sizes])
+        Uc = _chol_hinv_upper(Hd).to(cdt)
+        dg = Uc.diagonal()
+
+        def target(i, W1, U1, il):
+            if i % m == 0:
+                g = i // m
+                cols = slice(il, il + sizes[g])
+                sc = W1[:, cols] ** 2 / dg[i:i + sizes[g]] ** 2
+                sc = sc.masked_fill(dead[i:i + sizes[g]], -float("inf"))
+                cand = torch.zeros_like(sc, dtype=torch.bool).scatter_(
+                    1, torch.sort(sc, dim=1, stable=True).indices[:, :min(cap, sizes[g])], True)
+                prune[:, i:i + sizes[g]] = _smallest_mask(sc.masked_fill(~cand, float("inf")), quota[g])
+            return W1[:, il] * ~prune[:, i]
+        _sweep(w, Uc, bs, target)
+    w.masked_fill_(prune, 0.0)
+    return w.to(W.dtype), ~prune
+
+
+def prune_magnitude(W: Tensor, sparsity, *, nm=None):
+    """The layer's round(sparsity * R * d) smallest |w|, no compensation. ``nm=(n, m)``: only each
+    row's m - n smallest of every group of m are candidates (``sparsity=None``: all of them).
+    Returns (W_new, keep_mask)."""
+    R, d = W.shape
+    k = _budget(sparsity, R, d, nm)
+    score = W.detach().abs().to(torch.float64)
+    if nm is not None:
+        gid, G, cap, _ = _nm_groups(d, nm, W.device)
+        m = nm[1]
+        pad = torch.full((R, G * m), float("inf"), dtype=torch.float64, device=W.device)
+        pad[:, :d] = score
+        rank = torch.sort(torch.sort(pad.view(R, G, m), dim=2, stable=True).indices, dim=2).indices
+        cand = (rank < cap).view(R, G * m)[:, :d]
+        score = score.masked_fill(~cand, float("inf"))
+    prune = _smallest_mask(score, k)
+    return W * ~prune, ~prune
+
+
+# ---- quantization ---------------------------------------------------------------------------------
+
+def quantize_rtn(W: Tensor, grid: Grid, *, keep_mask: Tensor | None = None) -> Tensor:
+    """Round to nearest; pruned weights (keep_mask False) stay 0."""
+    q = grid.quantize(W.detach())
+    return q if keep_mask is None else q * keep_mask.to(q.device)
+
+
+def _finish_q(out: Tensor, grid: Grid, keep: Tensor | None, dtype) -> Tensor:
+    out = grid.quantize(out.to(dtype))        # on the grid bit for bit (idempotent on grid values)
+    return out if keep is None else out * keep
+
+
+def quantize_gptq(W: Tensor, H: Tensor, grid: Grid, *, keep_mask: Tensor | None = None, blocksize: int = 128,
+                  act_order: bool = False, damp: float = 0.01) -> Tensor:
+    """GPTQ: one column order for all rows (natural, or decreasing diag(H) with ``act_order``),
+    each column rounded and its error spread with the Cholesky factor of H^-1, lazy block updates.
+    Pruned weights (keep_mask False) are held at 0 and their error compensated. Shared H only."""
+    if H.dim() != 2:
+        raise ValueError("quantize_gptq needs a shared H [d, d]; group rows that share a Hessian")
+    R, d = W.shape
+    dev, cdt = W.device, _cdtype(W)
+    keep = None if keep_mask is None else keep_mask.to(device=dev, dtype=torch.bool)
+    Hd, _, dead = _damped(H.to(dev), damp)
+    perm = torch.sort(-torch.nan_to_num(H.to(device=dev, dtype=torch.float64)).diagonal(), stable=True).indices \
+        if act_order else torch.arange(d, device=dev)
+    Uc = _chol_hinv_upper(Hd[perm][:, perm]).to(cdt)
+    w = W.detach().to(cdt)[:, perm].contiguous()
+    kp = None if keep is None else keep[:, perm]
+    s = grid.scale.to(device=dev, dtype=cdt)
+    qmin, qmax = grid.qmin, grid.qmax
+
+    def target(i, W1, U1, il):
+        q = torch.round(W1[:, il] / s).clamp_(qmin, qmax).mul_(s)
+        return q if kp is None else q * kp[:, i]
+    _sweep(w, Uc, blocksize, target)
+    out = torch.empty_like(w)
+    out[:, perm] = w
+    return _finish_q(out, grid, keep, W.dtype)
+
+
+def quantize_obq(W: Tensor, H: Tensor, grid: Grid, *, keep_mask: Tensor | None = None, damp: float = 0.01,
+                 progress: bool = False, max_memory: int = DEFAULT_MAX_MEMORY) -> Tensor:
+    """OBQ greedy per row: quantize first the weight with the smallest (w_q - quant(w_q))^2 / [H^-1]_qq,
+    compensate the others, downdate H^-1, repeat. Pruned weights (keep_mask False) stay exactly 0:
+    the greedy runs on each row's kept support with H^-1 of that support. Dead inputs: rounded."""
+    R, d = W.shape
+    dev, cdt = W.device, _cdtype(W)
+    keep = None if keep_mask is None else keep_mask.to(device=dev, dtype=torch.bool)
+    shared = H.dim() == 2
+    w0 = W.detach().to(cdt)
+    out = grid.quantize(w0)                     # dead inputs (and the fallback) : round to nearest
+    sc_all = grid.scale.to(device=dev, dtype=cdt)
+    qmin, qmax = grid.qmin, grid.qmax
+    es = torch.finfo(cdt).bits // 8
+    if shared:
+        Hd, L, dead_s = _damped(H.to(dev), damp)
+    if shared and (keep is None or bool(keep[:, ~dead_s].all())):
+        # every row works on the same live inputs: one H^-1 for all
+        a = torch.nonzero(~dead_s)[:, 0]
+        n = int(a.numel())
+        if n:
+            Hinv = _chol_inverse(L[a][:, a])
+            Hinv = (Hinv * Hd.diagonal()[a].mean()).to(cdt)
+            del L
+            c_max = _rows_per_chunk(es * (n * n + _LAZY * n + 16 * n), R, max_memory)
+            bar = _progress(progress, R * n, "OBQ")
+            for r0 in range(0, R, c_max):
+                rows = slice(r0, min(R, r0 + c_max))
+                c = rows.stop - r0
+                lz = _Lazy(Hinv[None].expand(c, n, n).clone(), _LAZY)
+                w = w0[rows][:, a].clone()
+                pen = torch.zeros_like(w)
+                idx = a[None].expand(c, n).contiguous()
+                with _threads(1, dev):
+                    q, _, _, t = _greedy(lz, w, pen, idx, n, quant=(sc_all[rows, None], qmin, qmax), bar=bar)
+                del lz
+                o = out[rows]
+                o.scatter_(1, q, t)
+                out[rows] = o
+            if bar is not None:
+                bar.close()
+        return _finish_q(out, grid, keep, W.dtype)
+
+    # per-row supports (a pruned layer, or per-row H): H^-1 of each row's kept live inputs
+    if shared:
+        dead = dead_s[None].expand(R, d)
+    else:
+        dead = (torch.nan_to_num(H.diagonal(dim1=1, dim2=2).to(torch.float64)) <= 0).to(dev)
+    supp = ~dead if keep is None else keep & ~dead
+    nS = supp.sum(1)
+    order_rows = torch.sort(nS, stable=True).indices
+    bar = _progress(progress, int(nS.sum()), "OBQ")
+    i = 0
+    while i < R:
+        def per_row(m):
+            return 8 * 3 * m * m + es * (m * m + _LAZY * m + 16 * m) + (0 if shared else 8 * 3 * d * d)
+        c0 = _rows_per_chunk(per_row(int(nS[order_rows[i]])), R - i, max_memory)
+        c = _rows_per_chunk(per_row(int(nS[order_rows[i + c0 - 1]])), R - i, max_memory)
+        rr = order_rows[i:i + c]
+        i += c
+        pos, valid = _padded(supp[rr])
+        m = pos.shape[1]
+        if int(nS[rr].max()) == 0:
+            continue
+        M = Hd if shared else _damped(H[rr.to(H.device)].to(dev), damp)[0]
+        A = _sym_gather(M, pos, valid)
+        del M
+        Lc, info = torch.linalg.cholesky_ex(A)
+        if bool((info != 0).any()):
+            A = A + torch.diag_embed(A.diagonal(dim1=1, dim2=2) * 1e-8)
+            Lc = torch.linalg.cholesky_ex(A)[0]
+        sig = (A.diagonal(dim1=1, dim2=2) * valid).sum(1) / valid.sum(1).clamp_min(1)
+        Hi = (_chol_inverse(Lc) * sig[:, None, None]).to(cdt)
+        del A, Lc
+        w = w0[rr].gather(1, pos) * valid
+        pen = torch.zeros_like(w).masked_fill_(~valid, 1e30)     # padding: picked last, a no-op
+        idx = torch.where(valid, pos, torch.full_like(pos, d))
+        lz = _Lazy(Hi, _LAZY)
+        del Hi
+        with _threads(1, dev):
+            q, _, _, t = _greedy(lz, w, pen, idx, m, quant=(sc_all[rr, None], qmin, qmax), bar=bar)
+        del lz
+        o = torch.cat([out[rr], out.new_zeros(len(rr), 1)], 1)
+        o.scatter_(1, q, t)
+        out[rr] = o[:, :d]
+    if bar is not None:
+        bar.close()
+    return _finish_q(out, grid, keep, W.dtype)

@@ -1,0 +1,474 @@
+"""Compact, exact storage of compressed models: sparse layouts and integer codes in safetensors.
+
+A pruned or quantized model is still a dense float32 model in memory. On disk, every weight
+matrix of a Linear/Conv layer is stored in the smallest of these forms (chosen per layer):
+
+* **layout** of the stored entries: ``dense`` (all entries), ``bitmask`` (one bit per entry
+  marks the nonzeros, then their values) or ``csr`` (row pointers, column indices of the
+  nonzeros with the narrowest integer type that fits, then their values);
+* **values**: ``float`` (the original dtype, bit for bit) or ``int`` - when every row's
+  nonzeros are integer multiples of one scale (a symmetric grid of at most 8 bits, detected from
+  the weights themselves), the values become ``b``-bit two's-complement codes packed
+  ``8/b`` per byte, plus one float32 scale per row (``channel``) or per layer (``layer``).
+
+Each candidate is decoded and compared bit for bit with the original before it is accepted, so a
+round trip is exact: every nonzero weight comes back with its exact bit pattern (NaN and values off
+any grid simply stay in float), and zeros come back as zeros - the single bit pattern not kept is
+the sign of a zero (``-0.0`` loads as ``+0.0``; ``torch.equal`` holds, and no computation can tell).
+Quantizers and ``w * mask`` produce ``-0.0`` all the time, and keeping its sign would cost a second
+mask. Other
+tensors (biases, BatchNorm, neuron parameters) are stored as they are. The file is a plain
+safetensors file with the layout in its JSON metadata: no pickles.
+
+Core (used by :mod:`osbc.checkpoint` too)::
+
+    tensors, meta = encode_state_dict(model.state_dict())
+    state = decode_state_dict(tensors, meta)           # == model.state_dict(), bit for bit
+
+Files::
+
+    save_compressed(model, "net.safetensors", metadata={"note": "97% sparse"})
+    model = load_compressed("net.safetensors", build_model)   # a module, or a callable making one
+    size_report(model)   # {"dense_bytes", "compressed_bytes", "ratio", "layers": [...], ...}
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+__all__ = ["encode_state_dict", "decode_state_dict", "save_compressed", "load_compressed", "read_compressed",
+           "size_report", "format_size_report", "encode_tensor", "decode_tensor", "FORMAT", "VERSION"]
+
+FORMAT = "osbc-compact"
+VERSION = 1
+_SEP = "::"  # separates a state-dict key from the part of its encoding (never in torch names)
+_MAX_BITS = 8
+_INT_VIEW = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+_COMPRESSIBLE = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
+
+
+# ---- bit-level helpers -------------------------------------------------------------------------
+
+def _bits_of(t: Tensor) -> Tensor:
+    """The raw bit patterns of ``t`` as integers of the same width (for exact comparisons)."""
+    return t.contiguous().view(_INT_VIEW[t.element_size()])
+
+
+def _pack(values: np.ndarray, bits: int) -> np.ndarray:
+    """Pack unsigned integers ``< 2^bits`` into ``ceil(n * bits / 8)`` bytes (little-endian bits)."""
+    v = values.astype(np.uint8, copy=False).reshape(-1)
+    if bits == 8:
+        return v.copy()
+    planes = (v[:, None] >> np.arange(bits, dtype=np.uint8)) & 1
+    return np.packbits(planes.reshape(-1), bitorder="little")
+
+
+def _unpack(data: np.ndarray, bits: int, n: int) -> np.ndarray:
+    if bits == 8:
+        return data.astype(np.uint8, copy=False)[:n]
+    planes = np.unpackbits(data, count=n * bits, bitorder="little").reshape(n, bits)
+    return (planes << np.arange(bits, dtype=np.uint8)).sum(1, dtype=np.uint8) if n else np.zeros(0, np.uint8)
+
+
+def _index_dtype(limit: int) -> torch.dtype:
+    """Narrowest integer dtype holding values in ``[0, limit)`` (uint8 / int16 / int32 / int64)."""
+    if limit <= 1 << 8:
+        return torch.uint8
+    if limit <= 1 << 15:
+        return torch.int16
+    if limit <= 1 << 31:
+        return torch.int32
+    return torch.int64
+
+
+def _nbytes(n: int, dtype: torch.dtype) -> int:
+    return n * torch.empty(0, dtype=dtype).element_size()
+
+
+# ---- grid detection ------------------------------------------------------------------------------
+
+def _code_bits(cmin: int, cmax: int) -> int:
+    """Two's-complement width holding codes in [cmin, cmax]."""
+    b = 1
+    while not (-(1 << (b - 1)) <= cmin and cmax <= (1 << (b - 1)) - 1):
+        b += 1
+    return b
+
+
+def _exact_scales(codes: Tensor, vals: Tensor, rows: Tensor, R: int, nz_rows: Tensor) -> Tensor | None:
+    """float32 scales ``s[r]`` with ``float32(code * s[row]) == value`` bit for bit for every stored
+    entry, searched around ``value / code`` of each row's largest code; None when none exists."""
+    dt = vals.dtype
+    absc = codes.abs().to(torch.float64)
+    # per row, the entry with the largest |code| gives the most precise ratio value / code
+    best = torch.full((R,), -1.0, dtype=torch.float64).scatter_reduce(0, rows, absc, "amax")
+    is_best = absc == best[rows]
+    idx = torch.arange(codes.numel())
+    pick = torch.zeros(R, dtype=torch.long).scatter_reduce(0, rows[is_best], idx[is_best], "amax",
+                                                           include_self=False)
+    base = (vals.to(torch.float64)[pick] / codes.to(torch.float64)[pick]).to(torch.float32)
+    base = torch.where(nz_rows, base, torch.ones_like(base))
+    scales = base.clone()
+    ok = torch.zeros(R, dtype=torch.bool)
+    target = _bits_of(vals)
+    cf = codes.to(torch.float32)
+    for step in (0, 1, -1, 2, -2, 3, -3, 4, -4):
+        cand = base
+        direction = torch.full_like(base, math.inf if step > 0 else -math.inf)
+        for _ in range(abs(step)):
+            cand = torch.nextafter(cand, direction)
+        dec = (cf * cand[rows]).to(dt)
+        good_entry = _bits_of(dec) == target
+        bad_rows = torch.zeros(R, dtype=torch.bool).index_put_((rows[~good_entry],), torch.tensor(True))
+        newly = ~bad_rows & ~ok
+        scales = torch.where(newly, cand, scales)
+        ok |= newly
+        if bool(ok.all()):
+            return scales
+    return None
+
+
+def _detect_grid(W2: Tensor, mask: Tensor):
+    """If the stored entries ``W2[mask]`` (rows of ``W2`` = output channels) lie on a symmetric
+    integer grid per row of at most 8 bits, return ``(codes int8 [nnz], scales float32 [R or 1],
+    bits)`` reproducing them bit for bit; else None."""
+    if W2.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        return None
+    R, C = W2.shape
+    vals = W2[mask]
+    if vals.numel() == 0 or not torch.isfinite(vals).all():
+        return None  # nothing to gain / non-finite values stay float
+    rows = torch.nonzero(mask, as_tuple=True)[0]
+    v64 = vals.to(torch.float64)
+    a = v64.abs()
+    amax = torch.zeros(R, dtype=torch.float64).scatter_reduce(0, rows, a, "amax", include_self=False)
+    amin = torch.full((R,), math.inf, dtype=torch.float64).scatter_reduce(0, rows, a, "amin", include_self=True)
+    nz_rows = amax > 0
+    ratio = torch.where(nz_rows, amax / torch.where(nz_rows, amin, torch.ones_like(amin)), torch.ones_like(amax))
+    qlim = 1 << (_MAX_BITS - 1)
+    if bool((ratio > qlim + 0.5).any()):
+        return None  # values span more than 8 bits' range in some row
+    # The smallest |value| of a row is k * scale for a small integer k: try k = 1, 2, ... and keep
+    # the first (largest) scale for which every value of the row is an integer multiple.
+    scale = torch.zeros(R, dtype=torch.float64)
+    found = ~nz_rows
+    tol = 1e-3
+    for k in range(1, qlim + 1):
+        kr = k * ratio
+        cand = ~found & ((kr - kr.round()).abs() < tol * k) & (kr.round() <= qlim)
+        if not bool(cand.any()):
+            continue
+        s = torch.where(cand, amin / k, torch.ones_like(amin))
+        x = v64 / s[rows]
+        bad = (x - x.round()).abs() >= tol
+        bad_rows = torch.zeros(R, dtype=torch.bool).index_put_((rows[bad],), torch.tensor(True))
+        good = cand & ~bad_rows
+        scale = torch.where(good, s, scale)
+        found |= good
+        if bool(found.all()):
+            break
+    if not bool(found.all()):
+        return None
+    scale = torch.where(nz_rows, scale, torch.ones_like(scale))
+    codes = (v64 / scale[rows]).round()
+    if codes.numel() and (codes.abs().max() > qlim):
+        return None
+    # One scale for the whole layer when every row's codes stay in range with the smallest scale.
+    layer_codes = None
+    smin = scale[nz_rows].min()
+    lc = v64 / smin
+    if bool(((lc - lc.round()).abs() < tol).all()) and lc.round().abs().max() <= qlim - 1:
+        layer_codes = lc.round().to(torch.int64)
+    for codes_try, per_layer in ((layer_codes, True), (codes.to(torch.int64), False)):
+        if codes_try is None:
+            continue
+        if per_layer:
+            s = _exact_scales(codes_try, vals, torch.zeros_like(rows), 1, torch.ones(1, dtype=torch.bool))
+        else:
+            s = _exact_scales(codes_try, vals, rows, R, nz_rows)
+        if s is None:
+            continue
+        cmin, cmax = int(codes_try.min()), int(codes_try.max())
+        bits = _code_bits(cmin, cmax)
+        if bits > _MAX_BITS:
+            continue
+        return codes_try.to(torch.int8), s, bits
+    return None
+
+
+# ---- one tensor ----------------------------------------------------------------------------------
+
+def encode_tensor(t: Tensor, key: str = "w") -> tuple[dict[str, Tensor], dict]:
+    """Encode one weight tensor (first dim = output rows) in its smallest exact form.
+    Returns the tensors to store (named ``key::part``) and the entry's metadata."""
+    t = t.detach().cpu().contiguous()
+    shape = list(t.shape)
+    R = shape[0]
+    C = t.numel() // R if R else 0
+    W2 = t.reshape(R, C)
+    mask = W2 != 0  # NaN counts as stored; -0.0 is a zero and comes back as +0.0
+    nnz = int(mask.sum())
+    itemsize = t.element_size()
+    numel = t.numel()
+
+    grid = _detect_grid(W2, mask) if nnz else None
+    ptr_dtype = _index_dtype(nnz + 1)
+    col_dtype = _index_dtype(C)
+    layouts = {
+        "dense": 0,
+        "bitmask": (numel + 7) // 8,
+        "csr": _nbytes(R + 1, ptr_dtype) + _nbytes(nnz, col_dtype),
+    }
+    counts = {"dense": numel, "bitmask": nnz, "csr": nnz}
+    options = []
+    for lay, idx_bytes in layouts.items():
+        n = counts[lay]
+        options.append((idx_bytes + n * itemsize, lay, "float"))
+        if grid is not None:
+            codes, scales, bits = grid
+            options.append((idx_bytes + (n * bits + 7) // 8 + scales.numel() * 4, lay, "int"))
+    size, layout, kind = min(options, key=lambda o: (o[0], o[1] != "dense", o[2] != "float"))
+
+    meta = {"enc": "sparse", "shape": shape, "dtype": str(t.dtype).removeprefix("torch."), "layout": layout,
+            "values": kind, "nnz": nnz, "bytes": int(size)}
+    out: dict[str, Tensor] = {}
+    if layout == "bitmask":
+        out[f"{key}{_SEP}mask"] = torch.from_numpy(np.packbits(mask.reshape(-1).numpy(), bitorder="little"))
+    elif layout == "csr":
+        rowptr = torch.zeros(R + 1, dtype=torch.int64)
+        rowptr[1:] = mask.sum(1).cumsum(0)
+        cols = torch.nonzero(mask, as_tuple=True)[1]
+        out[f"{key}{_SEP}rowptr"] = rowptr.to(ptr_dtype)
+        out[f"{key}{_SEP}cols"] = cols.to(col_dtype)
+    sel = None if layout == "dense" else mask
+    if kind == "float":
+        out[f"{key}{_SEP}values"] = (W2 if sel is None else W2[sel]).reshape(-1).clone()
+    else:
+        codes, scales, bits = grid
+        if sel is None:  # dense: every entry gets a code, zeros are code 0
+            full = torch.zeros(R, C, dtype=torch.int8)
+            full[mask] = codes
+            codes = full.reshape(-1)
+        u = (codes.to(torch.int16) + (1 << (bits - 1))).to(torch.uint8).numpy()
+        out[f"{key}{_SEP}codes"] = torch.from_numpy(_pack(u, bits))
+        out[f"{key}{_SEP}scales"] = scales.to(torch.float32).clone()
+        meta.update(bits=bits, scale="layer" if scales.numel() == 1 and R > 1 else "channel",
+                    pow2=bool(torch.all(torch.frexp(scales)[0].abs() == 0.5)))
+    return out, meta
+
+
+def decode_tensor(parts: dict[str, Tensor], meta: dict, key: str = "w") -> Tensor:
+    """Inverse of :func:`encode_tensor`."""
+    shape = meta["shape"]
+    dtype = getattr(torch, meta["dtype"])
+    numel = math.prod(shape)
+    R = shape[0] if shape else 1
+    C = numel // R if R else 0
+    layout, kind, nnz = meta["layout"], meta["values"], int(meta["nnz"])
+    if layout == "dense":
+        pos = None
+        n = numel
+    elif layout == "bitmask":
+        bits = np.unpackbits(parts[f"{key}{_SEP}mask"].numpy(), count=numel, bitorder="little")
+        pos = torch.from_numpy(np.flatnonzero(bits))
+        n = nnz
+    elif layout == "csr":
+        rowptr = parts[f"{key}{_SEP}rowptr"].to(torch.int64)
+        cols = parts[f"{key}{_SEP}cols"].to(torch.int64)
+        rows = torch.repeat_interleave(torch.arange(R), rowptr[1:] - rowptr[:-1])
+        pos = rows * C + cols
+        n = nnz
+    else:
+        raise ValueError(f"unknown layout {layout!r}")
+    if kind == "float":
+        vals = parts[f"{key}{_SEP}values"].to(dtype)
+    elif kind == "int":
+        b = int(meta["bits"])
+        u = _unpack(parts[f"{key}{_SEP}codes"].numpy(), b, n)
+        codes = torch.from_numpy(u.astype(np.int16) - (1 << (b - 1)))
+        scales = parts[f"{key}{_SEP}scales"].to(torch.float32)
+        row_of = (torch.arange(n) if pos is None else pos) // max(C, 1)
+        s = scales if scales.numel() == 1 else scales[row_of]
+        vals = (codes.to(torch.float32) * s).to(dtype)
+    else:
+        raise ValueError(f"unknown value kind {kind!r}")
+    if pos is None:
+        return vals.reshape(shape).clone()
+    out = torch.zeros(numel, dtype=dtype)
+    out[pos] = vals
+    return out.reshape(shape)
+
+
+# ---- state dicts -------------------------------------------------------------------------------
+
+def _default_weight_keys(state: dict) -> list[str]:
+    return [k for k, v in state.items()
+            if isinstance(v, Tensor) and k.rsplit(".", 1)[-1] == "weight" and v.is_floating_point() and v.dim() >= 2]
+
+
+def encode_state_dict(state_dict: dict, weight_keys=None) -> tuple[dict[str, Tensor], dict]:
+    """Encode a state dict for safetensors: ``(tensors, meta)`` with ``meta`` JSON-serialisable.
+
+    ``weight_keys``: the entries to encode compactly (default: floating ``*.weight`` tensors with
+    two or more dims, i.e. Linear/Conv weights); everything else is stored unchanged. Encoding is
+    lossless: :func:`decode_state_dict` returns the same tensors bit for bit."""
+    keys = set(_default_weight_keys(state_dict) if weight_keys is None else weight_keys)
+    tensors: dict[str, Tensor] = {}
+    entries: dict[str, dict] = {}
+    for k, v in state_dict.items():
+        if not isinstance(v, Tensor):
+            raise TypeError(f"state entry {k!r} is a {type(v).__name__}, not a tensor; osbc stores tensors only "
+                            "(no pickles)")
+        if _SEP in k:
+            raise ValueError(f"state key {k!r} contains {_SEP!r}")
+        v = v.detach().cpu()
+        if k in keys and v.is_floating_point() and v.dim() >= 1 and v.shape[0] > 0 and v.numel() > 0:
+            parts, meta = encode_tensor(v, k)
+            tensors.update(parts)
+            entries[k] = meta
+        else:
+            tensors[k] = v.contiguous().clone()
+            entries[k] = {"enc": "plain"}
+    return tensors, {"format": FORMAT, "version": VERSION, "entries": entries}
+
+
+def decode_state_dict(tensors: dict[str, Tensor], meta: dict) -> dict[str, Tensor]:
+    """Inverse of :func:`encode_state_dict` (keys in their original order)."""
+    if meta.get("format") != FORMAT:
+        raise ValueError(f"not an {FORMAT} encoding (format={meta.get('format')!r})")
+    if int(meta.get("version", 0)) > VERSION:
+        raise ValueError(f"{FORMAT} version {meta.get('version')} is newer than this osbc ({VERSION})")
+    state: dict[str, Tensor] = {}
+    for k, e in meta["entries"].items():
+        if e["enc"] == "plain":
+            state[k] = tensors[k]
+        elif e["enc"] == "sparse":
+            parts = {n: t for n, t in tensors.items() if n.startswith(k + _SEP)}
+            state[k] = decode_tensor(parts, e, k)
+        else:
+            raise ValueError(f"{k}: unknown encoding {e['enc']!r}")
+    return state
+
+
+def _compressible_keys(model: nn.Module) -> list[str]:
+    keys = []
+    for name, m in model.named_modules():
+        if isinstance(m, _COMPRESSIBLE) and isinstance(getattr(m, "weight", None), Tensor):
+            keys.append(f"{name}.weight" if name else "weight")
+    return keys
+
+
+# ---- files ---------------------------------------------------------------------------------------
+
+def save_compressed(model: nn.Module | dict, path: str | os.PathLike, metadata: dict | None = None) -> Path:
+    """Write ``model`` (a module, or a state dict) compactly to ``path`` (safetensors), atomically:
+    a temporary file in the same directory replaced onto ``path``. ``metadata``: any
+    JSON-serialisable dict, returned by :func:`read_compressed`."""
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    if isinstance(model, nn.Module):
+        state, keys = model.state_dict(), _compressible_keys(model)
+    else:
+        state, keys = model, None
+    tensors, meta = encode_state_dict(state, keys)
+    header = {"format": FORMAT, "osbc": json.dumps(meta), "user": json.dumps(metadata or {})}
+    directory = path.parent if str(path.parent) else Path(".")
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=directory)
+    os.close(fd)
+    try:
+        save_file(tensors, tmp, metadata=header)
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+    return path
+
+
+def read_compressed(path: str | os.PathLike) -> tuple[dict[str, Tensor], dict]:
+    """``(state_dict, metadata)`` of a file written by :func:`save_compressed`."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    with safe_open(str(path), framework="pt") as f:
+        header = f.metadata() or {}
+    if header.get("format") != FORMAT or "osbc" not in header:
+        raise ValueError(f"{path} is not an osbc compact file")
+    tensors = load_file(str(path))
+    return decode_state_dict(tensors, json.loads(header["osbc"])), json.loads(header.get("user") or "{}")
+
+
+def load_compressed(path: str | os.PathLike, model: nn.Module | Callable[[], nn.Module],
+                    strict: bool = True) -> nn.Module:
+    """Load a compact file into ``model`` (a module, or a zero-argument callable that builds one)
+    and return it. The weights are exactly those that were saved."""
+    state, _ = read_compressed(path)
+    if not isinstance(model, nn.Module):
+        model = model()
+    model.load_state_dict(state, strict=strict)
+    return model
+
+
+# ---- size report -------------------------------------------------------------------------------
+
+def size_report(model: nn.Module | dict) -> dict:
+    """Bytes of ``model`` as dense float32 vs as stored by this format.
+
+    Returns ``{"dense_bytes", "compressed_bytes", "ratio", "weight_dense_bytes",
+    "weight_compressed_bytes", "other_bytes", "layers": [...]}``; each layer record has ``name``,
+    ``shape``, ``nnz``, ``sparsity``, ``layout`` (dense/bitmask/csr), ``values`` (float/int),
+    ``bits`` (code width, or the float width), ``scale`` (channel/layer, for int), ``pow2``,
+    ``dense_bytes`` (float32) and ``compressed_bytes``. ``other_bytes`` (biases, BatchNorm, neuron
+    parameters, counted at their own width) is included in both totals; the safetensors header is not."""
+    if isinstance(model, nn.Module):
+        state, keys = model.state_dict(), _compressible_keys(model)
+    else:
+        state, keys = model, None
+    keys = set(_default_weight_keys(state) if keys is None else keys)
+    layers, wd, wc, other = [], 0, 0, 0
+    for k, v in state.items():
+        if not isinstance(v, Tensor):
+            continue
+        if k in keys and v.is_floating_point() and v.numel() > 0:
+            _, meta = encode_tensor(v, k)
+            dense = v.numel() * 4
+            rec = {"name": k[: -len(".weight")] if k.endswith(".weight") else k, "shape": list(v.shape),
+                   "nnz": meta["nnz"], "sparsity": 1.0 - meta["nnz"] / v.numel(), "layout": meta["layout"],
+                   "values": meta["values"], "bits": meta.get("bits", v.element_size() * 8),
+                   "scale": meta.get("scale"), "pow2": meta.get("pow2"),
+                   "dense_bytes": dense, "compressed_bytes": meta["bytes"]}
+            layers.append(rec)
+            wd += dense
+            wc += meta["bytes"]
+        else:
+            other += v.numel() * (4 if v.is_floating_point() else v.element_size())
+    total_d, total_c = wd + other, wc + other
+    return {"dense_bytes": total_d, "compressed_bytes": total_c, "ratio": total_d / max(total_c, 1),
+            "weight_dense_bytes": wd, "weight_compressed_bytes": wc, "other_bytes": other, "layers": layers}
+
+
+def format_size_report(rep: dict) -> str:
+    """A small text table of :func:`size_report`."""
+    lines = [f"{'layer':<28} {'shape':<18} {'sparsity':>8} {'values':>8} {'layout':>8} {'dense':>10} {'stored':>10}"]
+    for r in rep["layers"]:
+        vals = f"int{r['bits']}" if r["values"] == "int" else f"f{r['bits']}"
+        lines.append(f"{r['name']:<28} {'x'.join(map(str, r['shape'])):<18} {r['sparsity']:>8.1%} {vals:>8} "
+                     f"{r['layout']:>8} {r['dense_bytes']:>10,} {r['compressed_bytes']:>10,}")
+    lines.append(f"{'other (bias, BN, neurons)':<28} {'':<18} {'':>8} {'':>8} {'':>8} {rep['other_bytes']:>10,} "
+                 f"{rep['other_bytes']:>10,}")
+    lines.append(f"{'total':<28} {'':<18} {'':>8} {'':>8} {'':>8} {rep['dense_bytes']:>10,} "
+                 f"{rep['compressed_bytes']:>10,}  ({rep['ratio']:.1f}x)")
+    return "\n".join(lines)

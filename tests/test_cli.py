@@ -1,0 +1,314 @@
+"""The osbc command end to end on small digits data: every subcommand, files written, exit codes,
+and the user-error paths (one line on stderr, no traceback, no partial output)."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from osbc import cli
+from osbc.checkpoint import load, read_meta
+
+T = 4  # frames: keeps every command fast
+
+
+def run(*argv, env, cwd=None, timeout=300):
+    """``python -m osbc.cli ARGV`` in a subprocess; returns (exit code, stdout, stderr)."""
+    p = subprocess.run([sys.executable, "-m", "osbc.cli", *map(str, argv)], capture_output=True, text=True,
+                       env=env, cwd=cwd, timeout=timeout)
+    return p.returncode, p.stdout, p.stderr
+
+
+def assert_user_error(code, err, want_code=1, match=None):
+    assert code == want_code, err
+    assert "Traceback" not in err
+    lines = [l for l in err.strip().splitlines() if l.strip()]
+    assert len(lines) == 1, err
+    assert lines[0].startswith("osbc: error: "), err
+    if match:
+        assert match in lines[0], lines[0]
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory):
+    cache = tmp_path_factory.mktemp("cache")
+    e = dict(os.environ, OSBC_CACHE=str(cache), PYTHONWARNINGS="ignore")
+    e["PYTHONPATH"] = str(Path(__file__).resolve().parents[1] / "src") + os.pathsep + e.get("PYTHONPATH", "")
+    return e
+
+
+@pytest.fixture(scope="module")
+def root(tmp_path_factory):
+    """The digits events, built once for the module."""
+    from osbc.data import load_dataset
+
+    r = tmp_path_factory.mktemp("digits")
+    load_dataset("digits", root=r, train=True, frames=T, cache=False)
+    return r
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory, env, root):
+    out = tmp_path_factory.mktemp("ck") / "mlp.safetensors"
+    code, so, se = run("train", "--data", "digits", "--root", root, "--frames", T, "--epochs", 2, "--lr", "5e-3",
+                       "--arch-arg", "hidden=32", "--out", out, "-q", env=env)
+    assert code == 0, se
+    assert "test accuracy" in so
+    return out
+
+
+def common(root):
+    return ["--root", str(root), "--calib-samples", "32", "--device", "cpu"]
+
+
+# ---- every command ------------------------------------------------------------------------------
+
+def test_train_writes_a_rebuildable_checkpoint(ckpt):
+    meta = read_meta(ckpt)
+    assert meta["arch"] == "nmnist_mlp" and meta["data"] == "digits" and meta["frames"] == T
+    assert meta["kwargs"]["hidden"] == 32 and meta["kwargs"]["in_shape"] == [2, 34, 34]
+    assert meta["info"]["test_accuracy"] > 0.3  # 2 epochs of a 32-unit MLP on T=4 frames
+    m = load(ckpt)
+    assert tuple(m.fc1.weight.shape) == (32, 2312)
+
+
+def test_eval(ckpt, root, env, tmp_path):
+    js = tmp_path / "eval.json"
+    code, so, se = run("eval", "--model", ckpt, "--json", js, *common(root), env=env)
+    assert code == 0, se
+    assert "accuracy" in so and "synops" in so and "firing rate" in so
+    rep = json.loads(js.read_text())
+    assert rep["accuracy"] == pytest.approx(read_meta(ckpt)["info"]["test_accuracy"])
+    assert set(rep["firing_rates"]) == {"sn1", "sn2"} and rep["synops"] > 0
+    assert rep["bytes_dense"] > 0 and rep["samples"] == 359
+
+
+def test_info_on_checkpoint_and_architecture(ckpt, env):
+    code, so, se = run("info", "--model", ckpt, env=env)
+    assert code == 0, se
+    assert "fc1" in so and "32x2312" in so and "LIF(tau=2" in so and "2 compressible modules" in so
+    code, so, se = run("info", "--arch", "dvsgesture_net", "--frames", 2, env=env)
+    assert code == 0, se
+    assert "conv5.0" in so and "500x2048" in so and "110x500" in so and "7 compressible modules" in so
+
+
+@pytest.mark.parametrize("method", ["osbc", "magnitude"])
+def test_prune(ckpt, root, env, tmp_path, method):
+    out, rep = tmp_path / "p.safetensors", tmp_path / "p.json"
+    code, so, se = run("prune", "--model", ckpt, "--sparsity", "0.9", "--method", method, "--solver", "fast",
+                       "--out", out, "--report", rep, *common(root), "-q", env=env)
+    assert code == 0, se
+    assert f"{method} 90% sparsity: accuracy" in so
+    m = load(out)
+    w = torch.cat([m.fc1.weight.flatten(), m.fc2.weight.flatten()])
+    assert float((w == 0).float().mean()) == pytest.approx(0.9, abs=0.01)
+    r = json.loads(rep.read_text())
+    assert r["task"] == "prune" and r["method"] == method and len(r["report"]["layers"]) == 2
+    assert 0 <= r["compressed"]["accuracy"] <= 1 and r["compressed"]["sparsity"] == pytest.approx(0.9, abs=0.01)
+    assert out.stat().st_size < 0.3 * ckpt.stat().st_size  # stored compactly
+    assert read_meta(out)["info"]["compression"]["method"] == method
+
+
+@pytest.mark.parametrize("method", ["osbc", "rtn"])
+def test_quantize(ckpt, root, env, tmp_path, method):
+    out = tmp_path / "q.safetensors"
+    code, so, se = run("quantize", "--model", ckpt, "--bits", "4", "--method", method, "--out", out,
+                       *common(root), "-q", env=env)
+    assert code == 0, se
+    assert f"{method} 4 bits: accuracy" in so
+    m = load(out)
+    for w in (m.fc1.weight, m.fc2.weight):
+        levels = (w / w.abs().amax(1, keepdim=True)).mul(7).round().unique()
+        assert len(levels) <= 15  # at most 2^4 - 1 symmetric levels per row
+    assert out.stat().st_size < 0.25 * ckpt.stat().st_size
+
+
+def test_sweep(ckpt, root, env, tmp_path):
+    out = tmp_path / "sweep"
+    code, so, se = run("sweep", "--model", ckpt, "--methods", "osbc,magnitude,rtn", "--sparsities", "0.5,0.9",
+                       "--bits", "4", "--seeds", 2, "--solver", "fast", "--out", out, *common(root), "-q", env=env)
+    assert code == 0, se
+    assert {p.name for p in out.iterdir()} == {"sweep.json", "sweep.txt", "sweep.png"}
+    res = json.loads((out / "sweep.json").read_text())
+    assert res["seeds"] == [0, 1]
+    points = {(r["task"], r["method"], r["level"]) for r in res["results"]}
+    assert points == {("prune", "osbc", 0.5), ("prune", "magnitude", 0.5), ("prune", "osbc", 0.9),
+                      ("prune", "magnitude", 0.9), ("quantize", "osbc", 4), ("quantize", "rtn", 4)}
+    for r in res["results"]:
+        assert len(r["accuracies"]) == 2 and r["accuracy_std"] >= 0
+    assert "±" in so and "magnitude" in so
+    assert (out / "sweep.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_small_demo(root, env, tmp_path):
+    out = tmp_path / "demo"
+    code, so, se = run("demo", "--out", out, "--root", root, "--frames", T, "--epochs", 1, "--hidden", 32,
+                       "--calib-samples", 32, "--sparsities", "0.5,0.9", "--bits", "4,2", "--solver", "fast",
+                       env=env)
+    assert code == 0, se
+    for step in ("[1/4]", "[2/4]", "[3/4]", "[4/4]", "demo finished in"):
+        assert step in so
+    names = {p.name for p in out.iterdir()}
+    assert {"report.json", "results.txt", "accuracy.png", "dense.safetensors",
+            "pruned-90%-osbc.safetensors", "quantized-4bits-osbc.safetensors"} <= names
+    rep = json.loads((out / "report.json").read_text())
+    assert len(rep["results"]) == 3 * 2 + 3 * 2  # (osbc, obc, magnitude) x 2 + (osbc, obc, rtn) x 2
+    assert all(r["membrane_error"] is not None and r["seconds"] >= 0 for r in rep["results"])
+    assert rep["settings"]["frames"] == T and rep["dense"]["accuracy"] > 0.2
+    # the stored pruned model loads back with its sparsity
+    m = load(out / "pruned-90%-osbc.safetensors")
+    assert float((m.fc1.weight == 0).float().mean()) > 0.8
+
+
+@pytest.mark.slow
+def test_full_demo_default_settings(env, tmp_path):
+    out = tmp_path / "demo"
+    code, so, se = run("demo", "--out", out, env=env, timeout=900)
+    assert code == 0, se
+    rep = json.loads((out / "report.json").read_text())
+    assert len(rep["results"]) == 21
+    assert rep["dense"]["accuracy"] > 0.85
+
+
+def test_module_entry_points(env):
+    p = subprocess.run([sys.executable, "-m", "osbc", "--help"], capture_output=True, text=True, env=env)
+    assert p.returncode == 0
+    for c in ("demo", "train", "prune", "quantize", "eval", "sweep", "info"):
+        assert c in p.stdout
+    p = subprocess.run([sys.executable, "-m", "osbc", "--version"], capture_output=True, text=True, env=env)
+    assert p.returncode == 0 and p.stdout.startswith("osbc ")
+
+
+# ---- user errors: one line, no traceback, nothing written ---------------------------------------
+
+def test_missing_model_file(env, root, tmp_path):
+    out = tmp_path / "p.safetensors"
+    code, _, se = run("prune", "--model", tmp_path / "nope.safetensors", "--sparsity", "0.5", "--out", out,
+                      *common(root), env=env)
+    assert_user_error(code, se, match="no such checkpoint")
+    assert not out.exists()
+
+
+def test_wrong_dataset_root(env, ckpt, tmp_path):
+    out = tmp_path / "p.safetensors"
+    code, _, se = run("prune", "--model", ckpt, "--sparsity", "0.5", "--out", out, "--data", "nmnist",
+                      "--root", tmp_path / "no-nmnist-here", env=env)
+    assert_user_error(code, se, match="N-MNIST")
+    assert not out.exists()
+
+
+def test_existing_output_needs_force(env, ckpt, root, tmp_path):
+    out = tmp_path / "p.safetensors"
+    out.write_bytes(b"keep me")
+    code, _, se = run("prune", "--model", ckpt, "--sparsity", "0.5", "--method", "magnitude", "--out", out,
+                      *common(root), env=env)
+    assert_user_error(code, se, match="--force")
+    assert out.read_bytes() == b"keep me"
+    code, _, se = run("prune", "--model", ckpt, "--sparsity", "0.5", "--method", "magnitude", "--out", out,
+                      "--force", *common(root), "-q", env=env)
+    assert code == 0, se
+    assert load(out).fc1.weight.shape == (32, 2312)
+
+
+def test_demo_into_non_empty_folder_needs_force(env, tmp_path):
+    (tmp_path / "d").mkdir()
+    (tmp_path / "d" / "x").write_text("x")
+    code, _, se = run("demo", "--out", tmp_path / "d", env=env)
+    assert_user_error(code, se, match="not empty")
+    assert os.listdir(tmp_path / "d") == ["x"]
+
+
+# The remaining error paths run in-process (same code path as the subprocess, much faster).
+
+def _main(capsys, *argv):
+    try:
+        code = cli.main([str(a) for a in argv])
+    except SystemExit as e:  # argparse
+        code = e.code
+    cap = capsys.readouterr()
+    return code, cap.out, cap.err
+
+
+@pytest.mark.parametrize("argv,match", [
+    (["prune", "--model", "m", "--sparsity", "1.5", "--out", "o"], "sparsity must be in [0, 1)"),
+    (["prune", "--model", "m", "--sparsity", "abc", "--out", "o"], "sparsity must be a number"),
+    (["quantize", "--model", "m", "--bits", "9", "--out", "o"], "bits must be an integer from 2 to 8"),
+    (["train", "--frames", "0", "--out", "o"], "positive integer"),
+    (["train", "--epochs", "-2", "--out", "o"], "positive integer"),
+    (["train", "--data", "imagenet", "--out", "o"], "invalid choice"),
+    (["sweep", "--model", "m", "--methods", "osbc,foo"], "unknown foo"),
+    (["prune", "--model", "m", "--sparsity", "0.5", "--out", "o", "--nm", "4:2"], "N:M"),
+    (["prune", "--sparsity", "0.5", "--out", "o"], "required"),
+    (["frobnicate"], "invalid choice"),
+])
+def test_bad_arguments_exit_2(capsys, tmp_path, monkeypatch, argv, match):
+    monkeypatch.chdir(tmp_path)
+    code, out, err = _main(capsys, *argv)
+    assert_user_error(code, err, want_code=2, match=match)
+    assert os.listdir(tmp_path) == []
+
+
+def test_garbage_checkpoint(capsys, tmp_path):
+    bad = tmp_path / "bad.safetensors"
+    bad.write_bytes(b"\x00" * 100)
+    code, _, err = _main(capsys, "eval", "--model", bad)
+    assert_user_error(code, err, match="not a safetensors checkpoint")
+    code, _, err = _main(capsys, "info", "--model", bad)
+    assert_user_error(code, err, match="not a safetensors checkpoint")
+
+
+def test_output_folder_missing(capsys, tmp_path, ckpt):
+    code, _, err = _main(capsys, "prune", "--model", ckpt, "--sparsity", "0.5", "--out", tmp_path / "no" / "p.st")
+    assert_user_error(code, err, match="does not exist")
+
+
+def test_unknown_arch(capsys, tmp_path):
+    code, _, err = _main(capsys, "info", "--arch", "resnet50")
+    assert_user_error(code, err, match="unknown --arch")
+    code, _, err = _main(capsys, "train", "--arch", "resnet50", "--out", tmp_path / "m.safetensors")
+    assert_user_error(code, err, match="unknown --arch")
+    code, _, err = _main(capsys, "info", "--arch", "nmnist_mlp", "--arch-arg", "widht=3")
+    assert_user_error(code, err, match="no argument")
+    assert not (tmp_path / "m.safetensors").exists()
+
+
+def test_too_many_calibration_samples(capsys, tmp_path, ckpt, root):
+    out = tmp_path / "p.safetensors"
+    code, _, err = _main(capsys, "prune", "--model", ckpt, "--sparsity", "0.5", "--out", out, "--root", root,
+                         "--calib-samples", "100000")
+    assert_user_error(code, err, match="--calib-samples 100000")
+    assert not out.exists()
+
+
+def test_cuda_without_cuda(capsys, tmp_path, ckpt):
+    if torch.cuda.is_available():
+        pytest.skip("CUDA present")
+    code, _, err = _main(capsys, "eval", "--model", ckpt, "--device", "cuda")
+    assert_user_error(code, err, match="CUDA is not available")
+
+
+def test_sweep_needs_a_grid(capsys, tmp_path, ckpt):
+    code, _, err = _main(capsys, "sweep", "--model", ckpt, "--out", tmp_path / "s")
+    assert_user_error(code, err, match="--sparsities")
+    assert not (tmp_path / "s").exists()
+
+
+def test_same_file_for_report_and_out(capsys, tmp_path, ckpt):
+    p = tmp_path / "x"
+    code, _, err = _main(capsys, "prune", "--model", ckpt, "--sparsity", "0.5", "--out", p, "--report", p)
+    assert_user_error(code, err, match="same file")
+
+
+def test_plugins_can_add_commands(capsys):
+    seen = {}
+    cli.register_command("hello-test", "say hello", lambda p: p.add_argument("--who", default="world"),
+                         lambda a: seen.setdefault("who", a.who) and 0, common=False)
+    try:
+        code, _, _ = _main(capsys, "hello-test", "--who", "osbc")
+        assert code == 0 and seen == {"who": "osbc"}
+    finally:
+        cli.COMMANDS.pop("hello-test")

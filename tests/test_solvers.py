@@ -1,0 +1,501 @@
+"""Solvers against independent computations (numpy, brute force, a plain greedy written here)."""
+import itertools
+
+import numpy as np
+import pytest
+import torch
+
+from osbc import solvers as S
+from osbc.quant import fit_grid
+
+
+# ---- independent references -------------------------------------------------------------------
+
+def np_damped(H, damp=0.01):
+    """The documented damping: dead inputs (zero diagonal) decoupled with unit diagonal, lambda =
+    damp * mean of the live diagonal."""
+    H = np.array(H, dtype=np.float64)
+    H = 0.5 * (H + H.T)
+    dead = np.diag(H) <= 0
+    H[dead, :] = 0
+    H[:, dead] = 0
+    mean = np.diag(H)[~dead].mean() if (~dead).any() else 1.0
+    H[dead, dead] = 1.0
+    return H + damp * mean * np.eye(len(H)), dead
+
+
+def plain_greedy(w, H, damp=0.01, nm=None, block=1, steps=None):
+    """OBS written plainly: explicit inverse, one rank-1 (or rank-k) downdate per step.
+    Returns order, running-max loss, and the weights after each step."""
+    w = np.array(w, dtype=np.float64).copy()
+    d = len(w)
+    Hd, dead = np_damped(H, damp)
+    Hinv = np.linalg.inv(Hd)
+    removed = np.zeros(d, bool)
+    order, loss, states = [], [], []
+    if nm:
+        n, m = nm
+        cap = m - n
+        cnt = np.zeros((d + m - 1) // m, int)
+    for i in np.nonzero(dead)[0]:
+        if nm and cnt[i // m] >= cap:
+            continue
+        order.append(i), loss.append(0.0)
+        removed[i] = True
+        w[i] = 0
+        states.append(w.copy())
+        if nm:
+            cnt[i // m] += 1
+    while True:
+        elig = ~removed
+        if nm:
+            elig &= cnt[np.arange(d) // m] < cap
+        if not elig.any() or (steps is not None and len(order) >= steps):
+            break
+        with np.errstate(divide="ignore", invalid="ignore"):
+            sc = np.where(elig, w ** 2 / np.diag(Hinv), np.inf)
+        P = []
+        taken = {}
+        for i in np.argsort(sc, kind="stable"):
+            if not np.isfinite(sc[i]) or len(P) == block:
+                break
+            if nm:
+                g = i // m
+                if cnt[g] + taken.get(g, 0) >= cap:
+                    continue
+                taken[g] = taken.get(g, 0) + 1
+            P.append(i)
+        P = np.array(P)
+        A = Hinv[np.ix_(P, P)]
+        o = np.argsort(sc[P], kind="stable")
+        order += list(P[o])
+        loss += list((w[P] ** 2 / (2 * np.diag(A)))[o])
+        w -= Hinv[:, P] @ np.linalg.solve(A, w[P])
+        w[P] = 0
+        Hinv = Hinv - Hinv[:, P] @ np.linalg.solve(A, Hinv[P, :])
+        removed[P] = True
+        if nm:
+            for i in P:
+                cnt[i // m] += 1
+        states.append(w.copy())
+    return np.array(order), np.maximum.accumulate(np.array(loss)), states
+
+
+def constrained_lstsq(w0, H, keep, damp=0.01):
+    """min (w - w0)^T Hd (w - w0) with w = 0 off `keep`, as a least-squares problem in numpy."""
+    Hd, _ = np_damped(H, damp)
+    Lt = np.linalg.cholesky(Hd).T          # Hd = Lt^T Lt, so the loss is |Lt (w - w0)|^2
+    S_ = np.nonzero(keep)[0]
+    w = np.zeros_like(w0)
+    if len(S_):
+        x, *_ = np.linalg.lstsq(Lt[:, S_], Lt @ w0, rcond=None)
+        w[S_] = x
+    return w
+
+
+def spike_H(d, n=None, p=0.3, dead=(), seed=0, rank=None):
+    g = torch.Generator().manual_seed(seed)
+    X = (torch.rand(n or 3 * d, d, generator=g) < p).double()
+    X[:, list(dead)] = 0
+    if rank is not None:
+        X = X[:rank]
+    return X.T @ X
+
+
+def herr(W0, W1, H):
+    dw = (W1 - W0).double()
+    return float(((dw @ H.double()) * dw).sum())
+
+
+@pytest.fixture
+def small_lazy(monkeypatch):
+    """A tiny lazy batch, so short paths exercise many flushes and compactions."""
+    monkeypatch.setattr(S, "_LAZY", 3)
+
+
+# ---- damping ---------------------------------------------------------------------------------
+
+def test_damp_inverse_shared_and_per_row():
+    H = spike_H(9, dead=(3,))
+    Hinv, dead = S.damp_inverse(H)
+    Hd, dead_np = np_damped(H.numpy())
+    np.testing.assert_allclose(Hinv.numpy(), np.linalg.inv(Hd), rtol=1e-10, atol=1e-12)
+    assert dead.tolist() == dead_np.tolist()
+    Hs = torch.stack([spike_H(9, seed=s) for s in range(3)])
+    Hinv, dead = S.damp_inverse(Hs)
+    for r in range(3):
+        np.testing.assert_allclose(Hinv[r].numpy(), np.linalg.inv(np_damped(Hs[r].numpy())[0]), rtol=1e-9)
+
+
+@pytest.mark.parametrize("H", [torch.zeros(6, 6), -torch.eye(6), torch.ones(6, 6),
+                               torch.full((6, 6), float("nan"))])
+def test_damp_inverse_never_fails(H):
+    Hinv, dead = S.damp_inverse(H, damp=0.0)
+    assert torch.isfinite(Hinv).all()
+
+
+# ---- exact path ------------------------------------------------------------------------------
+
+def test_first_pick_is_brute_force_best():
+    torch.manual_seed(0)
+    d = 8
+    H = spike_H(d, p=0.5)
+    Hd, _ = np_damped(H.numpy())
+    W = torch.randn(5, d, dtype=torch.float64)
+    p = S.obs_path(W, H)
+    for r in range(5):
+        w0 = W[r].numpy()
+        costs = []
+        for q in range(d):                      # every single removal with optimal compensation
+            keep = np.ones(d, bool)
+            keep[q] = False
+            w = constrained_lstsq(w0, H.numpy(), keep)
+            costs.append(0.5 * (w - w0) @ Hd @ (w - w0))
+        assert int(p.order[r, 0]) == int(np.argmin(costs))
+        assert p.loss[r, 0].item() == pytest.approx(min(costs), rel=1e-9)
+
+
+def test_greedy_weights_are_lstsq_optimum_on_support():
+    torch.manual_seed(1)
+    d = 10
+    H = spike_H(d, p=0.4)
+    W = torch.randn(4, d, dtype=torch.float64)
+    p = S.obs_path(W, H)
+    for r in range(4):
+        _, _, states = plain_greedy(W[r].numpy(), H.numpy())
+        for k in (1, 4, 7, 9):
+            keep = np.ones(d, bool)
+            keep[p.order[r, :k].numpy()] = False
+            ref = constrained_lstsq(W[r].numpy(), H.numpy(), keep)
+            np.testing.assert_allclose(states[k - 1], ref, atol=1e-9)
+            got = S.solve_on_support(W[r:r + 1], H, torch.tensor(keep)[None])[0].numpy()
+            np.testing.assert_allclose(got, ref, atol=1e-9)
+
+
+@pytest.mark.parametrize("frac", [0.1, 0.5, 0.9])
+def test_solve_on_support_brute_force(frac):
+    torch.manual_seed(2)
+    R, d = 6, 10
+    H = spike_H(d, p=0.4, dead=(4,))
+    W = torch.randn(R, d, dtype=torch.float64)
+    keep = torch.rand(R, d) > frac
+    keep[0] = True
+    keep[1] = False
+    out = S.solve_on_support(W, H, keep)
+    for r in range(R):
+        np.testing.assert_allclose(out[r].numpy(), constrained_lstsq(W[r].numpy(), H.numpy(), keep[r].numpy()),
+                                   atol=1e-9)
+    Hs = torch.stack([spike_H(d, seed=s) for s in range(R)])       # per-row H, tiny chunks
+    out = S.solve_on_support(W, Hs, keep, max_memory=4000)
+    for r in range(R):
+        np.testing.assert_allclose(out[r].numpy(), constrained_lstsq(W[r].numpy(), Hs[r].numpy(), keep[r].numpy()),
+                                   atol=1e-9)
+
+
+@pytest.mark.parametrize("kw", [dict(), dict(nm=(2, 4)), dict(nm=(1, 3)), dict(block=3), dict(block=4, nm=(1, 4))])
+def test_lazy_path_equals_plain_greedy(small_lazy, kw):
+    torch.manual_seed(3)
+    R, d = 7, 26                                      # d % 4 != 0: a partial N:M group
+    H = spike_H(d, dead=(2, 5, 11), p=0.35)
+    W = torch.randn(R, d, dtype=torch.float64)
+    W[0, 7] = 0.0
+    p = S.obs_path(W, H, max_memory=8 * (d * d + 3 * d + 16 * d) * 3, **kw)   # chunks of 3 rows
+    for r in range(R):
+        o, l, _ = plain_greedy(W[r].numpy(), H.numpy(), nm=kw.get("nm"), block=kw.get("block", 1))
+        assert p.order[r].tolist() == o.tolist()
+        np.testing.assert_allclose(p.loss[r].numpy(), l, rtol=1e-8, atol=1e-14)
+
+
+def test_lazy_path_per_row_hessian(small_lazy):
+    torch.manual_seed(4)
+    R, d = 5, 20
+    Hs = torch.stack([spike_H(d, seed=s, dead=(1, 9)) for s in range(R)])
+    W = torch.randn(R, d, dtype=torch.float64)
+    p = S.obs_path(W, Hs, max_memory=1)                # one row per chunk
+    for r in range(R):
+        o, l, _ = plain_greedy(W[r].numpy(), Hs[r].numpy())
+        assert p.order[r].tolist() == o.tolist()
+        np.testing.assert_allclose(p.loss[r].numpy(), l, rtol=1e-8)
+
+
+def test_per_row_dead_inputs_first(small_lazy):
+    R, d = 3, 12
+    Hs = torch.stack([spike_H(d, seed=s, dead=dd) for s, dd in enumerate([(0, 5), (5,), (3, 7, 8)])])
+    W = torch.randn(R, d, dtype=torch.float64)
+    p = S.obs_path(W, Hs)
+    for r, dd in enumerate([(0, 5), (5,), (3, 7, 8)]):
+        assert sorted(p.order[r, :len(dd)].tolist()) == list(dd)
+        assert (p.loss[r, :len(dd)] == 0).all()
+        o, l, _ = plain_greedy(W[r].numpy(), Hs[r].numpy())
+        assert p.order[r, len(dd):].tolist() == o[len(dd):].tolist()
+
+
+def test_block_engine_with_k1_equals_exact(small_lazy, monkeypatch):
+    torch.manual_seed(5)
+    W = torch.randn(6, 18, dtype=torch.float64)
+    H = spike_H(18, dead=(3,))
+    ref = S.obs_path(W, H)
+    blk = S._greedy_block
+    monkeypatch.setattr(S, "_greedy", lambda lz, w, pen, idx, steps, nm=None, bar=None, quant=None:
+                        (*blk(lz, w, pen, idx, steps, 1, nm=nm, bar=bar), None))
+    got = S.obs_path(W, H)
+    assert torch.equal(got.order, ref.order)
+    torch.testing.assert_close(got.loss, ref.loss, rtol=1e-10, atol=1e-14)
+
+
+def test_float32_path_matches_float64():
+    torch.manual_seed(6)
+    W = torch.randn(8, 40, dtype=torch.float64)
+    H = spike_H(40, dead=(0, 1), p=0.3)
+    p64 = S.obs_path(W, H)
+    p32 = S.obs_path(W.float(), H.float())
+    assert (p32.order == p64.order).float().mean() > 0.95
+    torch.testing.assert_close(p32.loss, p64.loss, rtol=1e-3, atol=1e-6)
+
+
+def test_max_steps_is_prefix():
+    torch.manual_seed(7)
+    W = torch.randn(5, 30)
+    H = spike_H(30, dead=(4, 6))
+    full = S.obs_path(W, H)
+    part = S.obs_path(W, H, max_steps=11)
+    assert part.order.shape == (5, 11)
+    assert torch.equal(part.order, full.order[:, :11])
+
+
+# ---- budgets, pruning ------------------------------------------------------------------------
+
+def test_budget_counts_brute_force():
+    g = torch.Generator().manual_seed(8)
+    R, Sn = 6, 9
+    loss = torch.rand(R, Sn, generator=g, dtype=torch.float64).cummax(1).values
+    loss[2] = 0.5                                  # ties inside a row and across rows
+    scale = torch.rand(R, generator=g, dtype=torch.float64) + 0.5
+    path = S.PrunePath(torch.arange(Sn).repeat(R, 1), loss)
+    for k in range(R * Sn + 1):
+        c = S.budget_counts(path, k, scale)
+        assert int(c.sum()) == k
+        vals = sorted(((loss[r, s] * scale[r]).item(), r, s) for r in range(R) for s in range(Sn))
+        ref = torch.zeros(R, dtype=torch.int64)
+        for _, r, _s in vals[:k]:
+            ref[r] += 1
+        # same multiset of selected values (ties may be broken differently) and each row a prefix
+        chosen = sorted((loss[r, s] * scale[r]).item() for r in range(R) for s in range(int(c[r])))
+        assert chosen == pytest.approx([v for v, _, _ in vals[:k]])
+        if len({v for v, _, _ in vals}) == len(vals):
+            assert torch.equal(c, ref)
+    with pytest.raises(ValueError):
+        S.budget_counts(path, R * Sn + 1)
+
+
+@pytest.mark.parametrize("sparsity", [0.0, 0.1, 0.5, 0.83, 0.97, 1.0])
+def test_achieved_sparsity_is_exact(sparsity):
+    torch.manual_seed(9)
+    R, d = 12, 37
+    H = spike_H(d, dead=(0, 3, 30))
+    W = torch.randn(R, d)
+    k = round(sparsity * R * d)
+    for fn in (lambda: S.prune_exact(W, H, sparsity)[1], lambda: S.prune_exact(W, H, sparsity, block=5)[1],
+               lambda: S.prune_sparsegpt(W, H, sparsity, blocksize=8)[1], lambda: S.prune_magnitude(W, sparsity)[1]):
+        keep = fn()
+        assert int((~keep).sum()) == k
+
+
+def test_prune_exact_matches_full_path_budget():
+    """prune_exact computes only part of the path (and extends rows that need more): the result must
+    equal budgeting on the full path."""
+    torch.manual_seed(10)
+    R, d = 16, 40
+    H = spike_H(d, dead=(1,))
+    W = torch.randn(R, d, dtype=torch.float64)
+    W[3] *= 0.01                                   # a row that wants far more than the average budget
+    scale = torch.rand(R, dtype=torch.float64) + 0.1
+    for sp in (0.2, 0.5):
+        Wn, keep, rl = S.prune_exact(W, H, sp, row_scale=scale)
+        full = S.obs_path(W, H)
+        c = S.budget_counts(full, round(sp * R * d), scale)
+        ref_keep = S._keep_from_counts(full.order, c, d)
+        assert torch.equal(keep, ref_keep)
+        torch.testing.assert_close(Wn, S.solve_on_support(W, H, ref_keep))
+        dw = Wn - W
+        torch.testing.assert_close(rl, 0.5 * ((dw @ H) * dw).sum(1) * scale)
+
+
+def test_dead_inputs_go_first():
+    torch.manual_seed(11)
+    R, d = 6, 15
+    dead = (2, 7, 8)
+    H = spike_H(d, dead=dead)
+    W = torch.randn(R, d)
+    p = S.obs_path(W, H)
+    assert (p.order[:, :3] == torch.tensor(dead)).all() and (p.loss[:, :3] == 0).all()
+    for keep in (S.prune_exact(W, H, 3 / d)[1], S.prune_sparsegpt(W, H, 3 / d)[1]):
+        assert (~keep[:, list(dead)]).all() and int((~keep).sum()) == 3 * R
+    keep = S.prune_sparsegpt(W, H, 1 / d)[1]      # fewer than the dead weights: only dead ones go
+    assert (~keep).sum() == R and (keep[:, [i for i in range(d) if i not in dead]]).all()
+
+
+@pytest.mark.parametrize("nm", [(2, 4), (1, 4), (3, 8)])
+def test_nm_pattern(nm):
+    torch.manual_seed(12)
+    R, d = 8, 26
+    n, m = nm
+    H = spike_H(d, dead=(0, 1, 2, 9))
+    W = torch.randn(R, d)
+    for keep in (S.prune_exact(W, H, None, nm=nm)[1], S.prune_exact(W, H, None, nm=nm, block=3)[1],
+                 S.prune_sparsegpt(W, H, None, nm=nm, blocksize=8)[1], S.prune_magnitude(W, None, nm=nm)[1],
+                 S.prune_exact(W, H, 0.3, nm=nm)[1]):
+        pad = torch.ones(R, (d + m - 1) // m * m, dtype=torch.bool)
+        pad[:, :d] = keep
+        removed = (~pad).view(R, -1, m).sum(2)
+        assert (removed <= m - n).all()
+    full = S.prune_exact(W, H, None, nm=nm)[1]
+    sizes = [min(m, d - g) for g in range(0, d, m)]
+    assert int((~full).sum()) == R * sum(min(m - n, s) for s in sizes)
+    with pytest.raises(ValueError):
+        S.prune_exact(W, H, 0.99, nm=nm)
+
+
+def test_sparsegpt_beats_magnitude():
+    torch.manual_seed(13)
+    R, d = 32, 96
+    H = spike_H(d, dead=(5,), p=0.2)
+    tot_s = tot_m = 0.0
+    for t in range(3):
+        W = torch.randn(R, d)
+        for sp in (0.5, 0.9):
+            Ws, ks = S.prune_sparsegpt(W, H, sp, blocksize=32)
+            Wm, km = S.prune_magnitude(W, sp)
+            assert int((~ks).sum()) == round(sp * R * d) and (Ws[~ks] == 0).all()
+            tot_s += herr(W, Ws, H)
+            tot_m += herr(W, Wm, H)
+    assert tot_s < tot_m
+
+
+def test_exact_beats_sparsegpt():
+    torch.manual_seed(14)
+    R, d = 16, 64
+    H = spike_H(d, p=0.25)
+    W = torch.randn(R, d)
+    We = S.prune_exact(W, H, 0.8)[0]
+    Ws = S.prune_sparsegpt(W, H, 0.8)[0]
+    assert herr(W, We, H) < herr(W, Ws, H)
+
+
+# ---- robustness ------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("kind", ["zero", "rank2", "dup"])
+def test_singular_hessians_give_finite_results(kind):
+    torch.manual_seed(15)
+    R, d = 5, 12
+    if kind == "zero":
+        H = torch.zeros(d, d)
+    elif kind == "rank2":
+        H = spike_H(d, rank=2)
+    else:
+        x = torch.rand(30, 1)
+        H = (x.repeat(1, d).T @ x.repeat(1, d)).double()
+    W = torch.randn(R, d)
+    g = fit_grid(W, 3)
+    outs = [S.obs_path(W, H).loss, S.prune_exact(W, H, 0.7)[0], S.prune_exact(W, H, 0.7, block=3)[0],
+            S.prune_sparsegpt(W, H, 0.7)[0], S.prune_exact(W, H, None, nm=(2, 4))[0],
+            S.quantize_obq(W, H, g), S.quantize_gptq(W, H, g), S.quantize_gptq(W, H, g, act_order=True),
+            S.solve_on_support(W, H, torch.rand(R, d) > 0.5),
+            S.prune_exact(W, torch.stack([H] * R), 0.5)[0]]
+    for o in outs:
+        assert torch.isfinite(o).all()
+
+
+def test_deterministic():
+    torch.manual_seed(16)
+    R, d = 10, 30
+    H = spike_H(d, dead=(3,))
+    W = torch.randn(R, d)
+    g = fit_grid(W, 4)
+    keep = S.prune_exact(W, H, 0.5)[1]
+    fns = [lambda: S.obs_path(W, H).loss, lambda: S.prune_exact(W, H, 0.9)[0],
+           lambda: S.prune_exact(W, H, 0.9, block=4)[0], lambda: S.prune_sparsegpt(W, H, 0.9)[0],
+           lambda: S.quantize_obq(W, H, g), lambda: S.quantize_obq(W, H, g, keep_mask=keep),
+           lambda: S.quantize_gptq(W, H, g, act_order=True)]
+    for f in fns:
+        assert torch.equal(f(), f())
+
+
+def test_progress_bar_runs():
+    W = torch.randn(4, 20)
+    H = spike_H(20)
+    S.obs_path(W, H, progress=True)
+    S.quantize_obq(W, H, fit_grid(W, 4), progress=True)
+
+
+# ---- quantization solvers --------------------------------------------------------------------
+
+def np_obq(w, H, s, qmin, qmax, damp=0.01):
+    """OBQ written plainly (dead inputs rounded)."""
+    w = w.copy()
+    Hd, dead = np_damped(H, damp)
+    Hinv = np.linalg.inv(Hd)
+    d = len(w)
+    done = dead.copy()
+    out = np.clip(np.round(w / s), qmin, qmax) * s
+    while not done.all():
+        e = w - np.clip(np.round(w / s), qmin, qmax) * s
+        with np.errstate(divide="ignore", invalid="ignore"):
+            sc = np.where(done, np.inf, e ** 2 / np.diag(Hinv))
+        q = int(np.argmin(sc))
+        out[q] = w[q] - e[q]
+        w -= e[q] / Hinv[q, q] * Hinv[:, q]
+        Hinv = Hinv - np.outer(Hinv[:, q], Hinv[q]) / Hinv[q, q]
+        done[q] = True
+    return out
+
+
+def test_obq_equals_plain(small_lazy):
+    torch.manual_seed(17)
+    R, d = 6, 20
+    H = spike_H(d, dead=(4,), p=0.4)
+    W = torch.randn(R, d, dtype=torch.float64)
+    g = fit_grid(W, 3)
+    out = S.quantize_obq(W, H, g, max_memory=8 * 3 * (d * d + 3 * d + 16 * d))
+    for r in range(R):
+        np.testing.assert_allclose(out[r].numpy(), np_obq(W[r].numpy(), H.numpy(), g.scale[r].item(), g.qmin, g.qmax))
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+def test_quantizers_on_grid_and_better_than_rtn(bits):
+    torch.manual_seed(18)
+    R, d = 24, 48
+    H = spike_H(d, dead=(0,), p=0.3)
+    e = {"rtn": 0.0, "obq": 0.0, "gptq": 0.0, "gptq_act": 0.0}
+    for t in range(3):
+        W = torch.randn(R, d)
+        g = fit_grid(W, bits)
+        outs = {"rtn": S.quantize_rtn(W, g), "obq": S.quantize_obq(W, H, g), "gptq": S.quantize_gptq(W, H, g),
+                "gptq_act": S.quantize_gptq(W, H, g, act_order=True)}
+        for k, o in outs.items():
+            assert torch.equal(g.quantize(o), o) and o.dtype == W.dtype
+            e[k] += herr(W, o, H)
+    assert e["obq"] <= e["rtn"] and e["gptq"] <= e["rtn"] and e["gptq_act"] <= e["rtn"]
+
+
+def test_joint_compression_keeps_zeros():
+    torch.manual_seed(19)
+    R, d = 12, 40
+    H = spike_H(d, dead=(2, 3))
+    W = torch.randn(R, d)
+    Wp, keep, _ = S.prune_exact(W, H, 0.75)
+    g = fit_grid(Wp, 4)
+    Hs = torch.stack([H] * R)
+    for o in (S.quantize_obq(Wp, H, g, keep_mask=keep), S.quantize_gptq(Wp, H, g, keep_mask=keep),
+              S.quantize_rtn(Wp, g, keep_mask=keep), S.quantize_obq(Wp, Hs, g, keep_mask=keep)):
+        assert (o[~keep] == 0).all() and torch.equal(g.quantize(o), o)
+    a = herr(Wp, S.quantize_obq(Wp, H, g, keep_mask=keep), H)
+    b = herr(Wp, S.quantize_rtn(Wp, g, keep_mask=keep), H)
+    assert a <= b
+    # support-restricted OBQ equals the plain greedy on the kept inputs
+    for r in range(3):
+        sup = keep[r].numpy()
+        ref = np_obq(Wp[r].double().numpy()[sup], np_damped(H.numpy())[0][np.ix_(sup, sup)], g.scale[r].item(),
+                     g.qmin, g.qmax, damp=0.0)
+        got = S.quantize_obq(Wp[r:r + 1].double(), H, fit_grid(Wp[r:r + 1], 4), keep_mask=keep[r:r + 1])[0]
+        np.testing.assert_allclose(got.numpy()[sup], ref, atol=1e-6)
