@@ -8,7 +8,9 @@
 from . import kernels, snn
 from .report import LayerReport, Report
 
-_LAZY = {"prune": "compress", "quantize": "compress", "inspect": "compress", "Compressed": "compress"}
+_LAZY = {"prune": "compress", "quantize": "compress", "inspect": "compress", "Compressed": "compress",
+         "export_nir": "nir_export", "save_compressed": "storage", "load_compressed": "storage",
+         "size_report": "storage"}
 
 
 def __getattr__(name: str):

@@ -142,7 +142,10 @@ def find_modules(model: nn.Module, sample: Tensor, include: list[str] | str | No
         x = inp[0] if inp and isinstance(inp[0], Tensor) else None
         events.append((m, tuple(x.shape) if x is not None else ()))
 
-    handles = [m.register_forward_hook(hook) for m in model.modules() if _leaf(m) or _is_weight(m)]
+    # Neurons may own child modules (spikingjelly's surrogate functions): hook the neuron, not them.
+    inside = {id(c) for n in model.modules() if K.is_neuron(n) for c in n.modules() if c is not n}
+    handles = [m.register_forward_hook(hook) for m in model.modules()
+               if id(m) not in inside and (_leaf(m) or _is_weight(m) or K.is_neuron(m))]
     was_training = model.training
     model.eval()
     try:

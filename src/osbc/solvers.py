@@ -33,6 +33,7 @@ DEFAULT_MAX_MEMORY = 512 * 2 ** 20
 _LAZY = 128          # steps between batched downdates
 _FLOOR = 1e-12       # floor of diag(H^-1) (normalised; the true minimum is ~1/d)
 _RETRIES = 6
+_FLOPS = [0]         # executed H^-1 update flops of the greedy engines (read by bench/bench_solvers.py)
 
 
 def _cdtype(W: Tensor) -> torch.dtype:
@@ -156,6 +157,7 @@ class _Lazy:
     def rows(self, q: Tensor) -> Tensor:
         """Current H^-1 rows q: [c] -> [c, n]; [c, k] -> [c, k, n]."""
         n, j = self.n, self.j
+        _FLOPS[0] += 2 * self.c * j * n * (1 if q.dim() == 1 else q.shape[1])
         if q.dim() == 1:
             r = self.buf[self.ar, q, :n]
             if j:
@@ -180,6 +182,7 @@ class _Lazy:
     def flush(self):
         if self.j:
             U = self.Ubuf[:, :self.j, :self.n]
+            _FLOPS[0] += 2 * self.c * self.n * self.n * self.j
             with _threads(self.nthreads, U.device):
                 self.Hi.baddbmm_(U.mT, U, alpha=-1)
             self.j = 0
