@@ -16,7 +16,8 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install -q torch==2.13.0
 	$(BIN)/python -m pip install -q -e ".[test]"
 	# Libraries whose metadata would pull torchvision/torchaudio (and a CUDA torch): no deps.
-	$(BIN)/python -m pip install -q --no-deps spikingjelly==2.0.0 norse==1.1.0 nirtorch==2.6 tonic==1.7.0
+	$(BIN)/python -m pip install -q --no-deps spikingjelly==2.0.0 norse==1.1.0 nirtorch==2.6 tonic==1.7.0 importRosbag==1.0.4
+	$(BIN)/python -m pip install -q requests  # tonic's import needs it (GPL tonic: tests only)
 	touch $(STAMP)
 
 demo: $(STAMP)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from osbc.data import downsampled_size, events_to_frames, frame_index, make_events
+from osbc.data import downsampled_size, events_to_frames, frame_index, make_events, sparse_frame_counts
 
 
 def reference_frames(ev, h, w, T, split_by):
@@ -101,3 +101,23 @@ def test_downsample_sums_blocks(factor):
     # sizes that do not divide keep the partial edge block
     assert downsampled_size((34, 34), 4) == (9, 9)
     assert events_to_frames(make_events([33], [33], [0], [1]), (34, 34), 1, downsample=4)[0, 1, 8, 8] == 1
+
+
+@pytest.mark.parametrize("n", [40, 3000])
+def test_sparse_and_dense_paths_agree(n):
+    # 40 events on 128x128 at T=5 take the scatter paths, 3000 on 6x5 the counting paths
+    size = 128 if n == 40 else 6
+    rng = np.random.default_rng(n)
+    ev = make_events(rng.integers(0, size, n), rng.integers(0, size, n),
+                     np.sort(rng.integers(0, 10_000, n)), rng.integers(0, 2, n))
+    ev[1] = ev[0]  # a repeated event must count twice
+    for split_by in ("time", "number"):
+        dense = events_to_frames(ev, (size, size), 5, split_by, dtype=None)
+        brute = np.zeros_like(dense)
+        for f, e in zip(frame_index(ev["t"], 5, split_by), ev):
+            brute[f, int(e["p"] != 0), e["y"], e["x"]] += 1
+        np.testing.assert_array_equal(dense, brute)
+        idx, counts, shape = sparse_frame_counts(ev, (size, size), 5, split_by)
+        assert shape == dense.shape and (np.diff(idx) > 0).all()
+        np.testing.assert_array_equal(idx, np.flatnonzero(dense))
+        np.testing.assert_array_equal(counts, dense.ravel()[idx])

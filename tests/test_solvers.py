@@ -499,3 +499,56 @@ def test_joint_compression_keeps_zeros():
                      g.qmin, g.qmax, damp=0.0)
         got = S.quantize_obq(Wp[r:r + 1].double(), H, fit_grid(Wp[r:r + 1], 4), keep_mask=keep[r:r + 1])[0]
         np.testing.assert_allclose(got.numpy()[sup], ref, atol=1e-6)
+
+
+def np_gptq(W, H, scale, qmin, qmax, damp=0.01):
+    """GPTQ written plainly: explicit Cholesky of the inverse, one column at a time, no blocks."""
+    Hd, _ = np_damped(H, damp)
+    U = np.linalg.cholesky(np.linalg.inv(Hd)).T
+    W = W.copy()
+    Q = np.zeros_like(W)
+    for i in range(W.shape[1]):
+        q = np.clip(np.round(W[:, i] / scale), qmin, qmax) * scale
+        err = (W[:, i] - q) / U[i, i]
+        W[:, i:] -= np.outer(err, U[i, i:])
+        Q[:, i] = q
+    return Q
+
+
+def test_gptq_equals_plain():
+    torch.manual_seed(20)
+    R, d = 6, 21
+    H = spike_H(d, dead=(3,), p=0.4)
+    W = torch.randn(R, d, dtype=torch.float64)
+    g = fit_grid(W, 3)
+    got = S.quantize_gptq(W, H, g, blocksize=4)
+    ref = np_gptq(W.numpy(), H.numpy(), g.scale.double().numpy(), g.qmin, g.qmax)
+    np.testing.assert_allclose(got.numpy(), ref, atol=1e-9)
+    # the factor of H^-1 from the reversed Cholesky
+    Hd, Lf, _ = S._damped(H, 0.01, flip=True)
+    np.testing.assert_allclose(S._hinv_upper(Lf).numpy(), np.linalg.cholesky(np.linalg.inv(Hd.numpy())).T,
+                               rtol=1e-9, atol=1e-12)
+
+
+def test_sparsegpt_equals_plain_sweep():
+    """SparseGPT with the mask fixed up front per block (one block) equals the plain sweep that
+    zeroes the masked weights and spreads their error."""
+    torch.manual_seed(21)
+    R, d, sp = 5, 16, 0.5
+    H = spike_H(d, p=0.4)
+    W = torch.randn(R, d, dtype=torch.float64)
+    Wn, keep = S.prune_sparsegpt(W, H, sp, blocksize=d)
+    Hd, _ = np_damped(H.numpy())
+    U = np.linalg.cholesky(np.linalg.inv(Hd)).T
+    score = W.numpy() ** 2 / np.diag(U)[None] ** 2
+    mask = np.zeros(R * d, bool)
+    mask[np.argsort(score.reshape(-1), kind="stable")[:round(sp * R * d)]] = True
+    mask = mask.reshape(R, d)
+    assert (mask == ~keep.numpy()).all()
+    Wp = W.numpy().copy()
+    for i in range(d):
+        q = np.where(mask[:, i], 0.0, Wp[:, i])
+        err = (Wp[:, i] - q) / U[i, i]
+        Wp[:, i:] -= np.outer(err, U[i, i:])
+        Wp[:, i] = q
+    np.testing.assert_allclose(Wn.numpy(), Wp, atol=1e-9)

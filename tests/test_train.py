@@ -7,7 +7,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from osbc import models, snn
 from osbc.checkpoint import read_meta
-from osbc.train import evaluate, model_size, predict, train
+from osbc.training import evaluate, model_size, predict, train
 
 
 def toy(n=240, T=6, classes=4, seed=0):
@@ -61,7 +61,7 @@ def test_best_epoch_is_kept_and_written(tmp_path, monkeypatch):
     # a validation score that peaks at epoch 2 of 4
     scores = iter([0.2, 0.9, 0.5, 0.4])
     seen = {}
-    import osbc.train as T
+    import osbc.training as T
 
     real = T.evaluate
 
@@ -148,7 +148,7 @@ def test_conv_synops_are_exact_at_the_borders():
         conv.weight.copy_(torch.randn_like(conv.weight))
         conv.weight[0, 0, 0, 0] = 0
     x = (torch.rand(1, 1, 5, 5) < 0.5).float()
-    from osbc.train import _fanout_apply
+    from osbc.training import _fanout_apply
 
     got = _fanout_apply(conv, x, (conv.weight != 0).float())
     # brute force: every output position, every tap that lands on an input spike with a non-zero weight

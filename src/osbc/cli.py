@@ -33,7 +33,7 @@ DEFAULT_FRAMES = {"digits": 10, "nmnist": 100, "dvsgesture": 20, "cifar10dvs": 1
 PRUNE_METHODS = ("osbc", "obc", "magnitude")
 QUANT_METHODS = ("osbc", "obc", "rtn")
 #: modules that may add subcommands by calling register_command when imported
-PLUGINS = ("osbc.interop.cli", "osbc.nir_cli", "osbc.export")
+PLUGINS = ("osbc.nir_cli",)
 
 
 class UserError(Exception):
@@ -104,14 +104,16 @@ def _pos_float(s: str) -> float:
 
 
 def _sparsity(s: str) -> float:
+    t = s.strip()
+    pct = t.endswith("%")
     try:
-        v = float(s)
+        v = float(t[:-1] if pct else t)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"sparsity must be a number in [0, 1), got {s!r}") from None
-    if v > 1 and v < 100:  # 97 -> 0.97
+        raise argparse.ArgumentTypeError(f"sparsity must be a number in [0, 1) or a percentage, got {s!r}") from None
+    if pct:
         v /= 100
     if not 0 <= v < 1:
-        raise argparse.ArgumentTypeError(f"sparsity must be in [0, 1) (e.g. 0.97), got {s!r}")
+        raise argparse.ArgumentTypeError(f"sparsity must be in [0, 1) (e.g. 0.97 or 97%), got {s!r}")
     return v
 
 
@@ -239,7 +241,7 @@ def _table(headers: list[str], rows: list[list[str]], right: set[int] | None = N
 
 
 def _device(args):
-    from .train import resolve_device
+    from .training import resolve_device
 
     return resolve_device(args.device)
 
@@ -330,19 +332,49 @@ def _materialize(ds, limit_bytes: float = 2e9):
     return X, y
 
 
-def _calibration(train_ds, n: int, seed: int, batch_size: int):
-    """``n`` stratified training samples: a tensor [n, T, ...] when small, else a DataLoader."""
+def _calibration(ds, n: int, seed: int, batch_size: int, split: str = "training"):
+    """``n`` stratified samples of ``ds``: (calibration inputs, the rest of ``ds``). The inputs are
+    a tensor [n, T, ...] when small, else a DataLoader of (x, y) batches."""
     from torch.utils.data import DataLoader
 
     from . import data as D
 
-    if n > len(train_ds):
-        raise UserError(f"--calib-samples {n} is more than the {len(train_ds)} training samples")
-    calib, _ = D.calibration_split(train_ds, n, seed)
+    if n >= len(ds):
+        raise UserError(f"--calib-samples {n} must be less than the {len(ds)} {split} samples")
+    calib, rest = D.calibration_split(ds, n, seed)
     m = _materialize(calib, 1e9)
     if isinstance(m, tuple):
-        return m[0]
-    return DataLoader(calib, batch_size=batch_size, shuffle=False)
+        return m[0], rest
+    return DataLoader(calib, batch_size=batch_size, shuffle=False), rest
+
+
+class _Splits:
+    """Calibration and evaluation data for one seed, per --calib-from: ``train`` (calibrate on
+    training samples, evaluate on the whole test set) or ``test`` (the paper's N-MNIST
+    quantization protocol: calibrate on test samples, evaluate on the rest of the test set)."""
+
+    def __init__(self, args, spec: DataSpec, need_eval: bool = True):
+        self.args, self.source = args, getattr(args, "calib_from", "train")
+        self.train_ds = _dataset(args, spec, True) if self.source == "train" else None
+        self.test_ds = _dataset(args, spec, False) if (need_eval or self.source == "test") else None
+        self._test = None
+
+    @property
+    def any(self):
+        return self.train_ds if self.train_ds is not None else self.test_ds
+
+    def draw(self, seed: int):
+        """(calib, eval data or None, eval_is_shared)"""
+        a = self.args
+        if self.source == "test":
+            calib, rest = _calibration(self.test_ds, a.calib_samples, seed, a.batch_size, "test")
+            return calib, _materialize(rest), False
+        calib, _ = _calibration(self.train_ds, a.calib_samples, seed, a.batch_size)
+        if self.test_ds is None:
+            return calib, None, True
+        if self._test is None:
+            self._test = _materialize(self.test_ds)
+        return calib, self._test, True
 
 
 def _check_shape(model, ds, spec: DataSpec) -> None:
@@ -391,6 +423,9 @@ def _add_compress_opts(p: argparse.ArgumentParser, quant: bool) -> None:
                    ("auto", "exact", "blocked", "fast"), help="solver (default auto: exact when affordable)")
     p.add_argument("--calibration", default="dense", choices=("dense", "sequential"),
                    help="layer inputs from the dense model (the paper) or from the already compressed layers")
+    p.add_argument("--calib-from", choices=("train", "test"), default="train",
+                   help="draw calibration samples from the training set (default; evaluate on the test set) "
+                        "or from the test set (evaluate on the rest of it: the paper's N-MNIST quantization)")
     p.add_argument("--include", action="append", default=None, metavar="GLOB",
                    help="compress only modules matching (repeatable)")
     p.add_argument("--exclude", action="append", default=None, metavar="GLOB",
@@ -422,7 +457,7 @@ def _train_model(args, spec: DataSpec, train_ds, test_ds, arch: str | None, arch
     """Build and train a model; returns (model, TrainResult, test Evaluation)."""
     from . import data as D
     from . import models
-    from .train import evaluate, train
+    from .training import evaluate, train
 
     classes = getattr(train_ds, "num_classes", None) or int(max(int(t) for t in train_ds.targets) + 1)
     x0, _ = train_ds[0]
@@ -515,13 +550,12 @@ def _compress(args, task: str) -> int:
     dev = _device(args)
     model = _load_model(args.model, dev)
     spec = _data_spec(args, model.osbc_config)
-    train_ds = _dataset(args, spec, True)
-    test_ds = None if args.no_eval else _dataset(args, spec, False)
-    _check_shape(model, train_ds, spec)
-    calib = _calibration(train_ds, args.calib_samples, args.seed, args.batch_size)
+    splits = _Splits(args, spec, need_eval=not args.no_eval)
+    _check_shape(model, splits.any, spec)
+    calib, test, _ = splits.draw(args.seed)
     from . import compress
     from .checkpoint import save
-    from .train import evaluate
+    from .training import evaluate
 
     common = dict(method=args.method, solver=args.solver, calibration=args.calibration, device=dev, seed=args.seed,
                   verbose=not args.quiet, include=args.include, exclude=args.exclude)
@@ -537,10 +571,10 @@ def _compress(args, task: str) -> int:
     secs = time.time() - t0
     _say(args, str(res.report))
     summary = {"task": task, "method": args.method, "model": str(args.model), "data": spec.name,
-               "frames": spec.frames, "calib_samples": args.calib_samples, "seed": args.seed, "seconds": secs,
+               "frames": spec.frames, "calib_samples": args.calib_samples, "calib_from": args.calib_from,
+               "seed": args.seed, "seconds": secs,
                "report": res.report.to_dict()}
-    if test_ds is not None:
-        test = _materialize(test_ds)
+    if test is not None:
         dense = evaluate(model, test, batch_size=max(128, args.batch_size), device=dev)
         comp = evaluate(res.model, test, batch_size=max(128, args.batch_size), device=dev)
         summary["dense"] = dense.to_dict()
@@ -590,7 +624,7 @@ def cmd_eval(args) -> int:
     spec = _data_spec(args, model.osbc_config)
     ds = _dataset(args, spec, args.split == "train")
     _check_shape(model, ds, spec)
-    from .train import evaluate
+    from .training import evaluate
 
     ev = evaluate(model, ds, batch_size=max(128, args.batch_size), device=dev, max_samples=args.max_samples,
                   progress=_progress(args))
@@ -651,7 +685,7 @@ def cmd_info(args) -> int:
         rows.append([t.name, t.kind, "x".join(map(str, t.shape)), f"{w.numel():,}", f"{100 * (1 - nz / w.numel()):.1f}%",
                      f"{4 * w.numel() / 1024:.1f} KB", "yes" if t.bn is not None else "-",
                      t.neuron_name or "-", rec["kernel"]])
-    from .train import model_size
+    from .training import model_size
 
     dense, stored = model_size(model)
     print(f"model {cfg.get('arch')} {json.dumps(cfg.get('kwargs', {}))}")
@@ -679,14 +713,14 @@ def _grid(levels_prune, levels_bits, methods) -> list[tuple[str, str, float]]:
 
 
 def _run_job(model, calib, test, task, method, level, dev, seed, solver, allocation="lamp", calibration="dense",
-             batch_size=128) -> dict:
+             batch_size=128, lamp_power=2.0) -> dict:
     from . import compress
-    from .train import evaluate
+    from .training import evaluate
 
     t0 = time.time()
     if task == "prune":
         res = compress.prune(model, calib, sparsity=level, method=method, solver=solver, allocation=allocation,
-                             calibration=calibration, device=dev, seed=seed, verbose=False)
+                             lamp_power=lamp_power, calibration=calibration, device=dev, seed=seed, verbose=False)
     else:
         res = compress.quantize(model, calib, bits=int(level), method=method, solver=solver,
                                 calibration=calibration, device=dev, seed=seed, verbose=False)
@@ -712,7 +746,11 @@ def _args_sweep(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seeds", type=_pos_int, default=3, help="calibration draws per point (seed, seed+1, ...)")
     p.add_argument("--solver", default="auto", choices=("auto", "exact", "blocked", "fast"))
     p.add_argument("--allocation", choices=("uniform", "lamp", "global"), default="lamp")
+    p.add_argument("--lamp-power", type=_pos_float, default=2.0, help="LAMP score power (default 2; 3 for deep nets)")
     p.add_argument("--calibration", default="dense", choices=("dense", "sequential"))
+    p.add_argument("--calib-from", choices=("train", "test"), default="train",
+                   help="calibrate on training samples (evaluate on the test set) or on test samples "
+                        "(evaluate on the rest of the test set)")
     p.add_argument("-o", "--out", default="osbc-sweep", help="output folder (default ./osbc-sweep)")
     p.add_argument("--force", action="store_true", help="write into an existing non-empty --out")
 
@@ -727,46 +765,58 @@ def cmd_sweep(args) -> int:
     dev = _device(args)
     model = _load_model(args.model, dev)
     spec = _data_spec(args, model.osbc_config)
-    train_ds = _dataset(args, spec, True)
-    test_ds = _dataset(args, spec, False)
-    _check_shape(model, train_ds, spec)
     jobs = _grid(args.sparsities, args.bits, args.methods)
     if not jobs:
         raise UserError("no method in --methods applies to the requested sparsities/bits")
-    from .train import evaluate
+    if args.allocation == "global" and args.sparsities and "magnitude" in args.methods:
+        raise UserError("--allocation global ranks OBS losses and cannot drive magnitude pruning; "
+                        "use lamp or uniform, or leave magnitude out of --methods")
+    splits = _Splits(args, spec)
+    _check_shape(model, splits.any, spec)
+    from .training import evaluate
 
-    test = _materialize(test_ds)
-    dense = evaluate(model, test, batch_size=max(128, args.batch_size), device=dev)
-    _say(args, f"dense accuracy {100 * dense.accuracy:.2f}% on {dense.samples} test samples; "
-               f"{len(jobs)} points x {args.seeds} seeds")
     seeds = [args.seed + i for i in range(args.seeds)]
+    _say(args, f"{len(jobs)} points x {len(seeds)} seeds on {spec.name} (T={spec.frames}, "
+               f"{args.calib_samples} calibration samples from the {args.calib_from} set)")
     runs: dict[tuple, list[dict]] = {}
+    dense_acc: dict[int, float] = {}
+    dense = None
     t_all = time.time()
     for seed in seeds:
-        calib = _calibration(train_ds, args.calib_samples, seed, args.batch_size)
+        calib, test, shared = splits.draw(seed)
+        if dense is None or not shared:
+            dense = evaluate(model, test, batch_size=max(128, args.batch_size), device=dev)
+            _say(args, f"  seed {seed}  dense accuracy {100 * dense.accuracy:.2f}% on {dense.samples} samples")
+        dense_acc[seed] = dense.accuracy
         for task, method, level in jobs:
             _seed_all(seed)
-            r = _run_job(model, calib, test, task, method, level, dev, seed, args.solver if task == "prune" or
-                         args.solver != "blocked" else "auto", args.allocation, args.calibration)
+            r = _run_job(model, calib, test, task, method, level, dev, seed, args.solver, args.allocation,
+                         args.calibration, max(128, args.batch_size), args.lamp_power)
             r.pop("_model")
             r["seed"] = seed
+            r["drop"] = dense_acc[seed] - r["accuracy"]
             runs.setdefault((task, method, level), []).append(r)
             _say(args, f"  seed {seed}  {task:<8} {method:<9} {_level_str(task, level):>8}  "
                        f"acc {100 * r['accuracy']:6.2f}%  {r['seconds']:.1f} s")
+    dense_mean = statistics.fmean(dense_acc.values())
+    dense_std = statistics.stdev(dense_acc.values()) if len(dense_acc) > 1 else 0.0
     agg = []
     for (task, method, level), rs in runs.items():
         accs = [r["accuracy"] for r in rs]
         errs = [r["membrane_error"] for r in rs if r["membrane_error"] is not None]
         agg.append({"task": task, "method": method, "level": level, "accuracy": statistics.fmean(accs),
                     "accuracy_std": statistics.stdev(accs) if len(accs) > 1 else 0.0, "accuracies": accs,
-                    "drop": dense.accuracy - statistics.fmean(accs),
+                    "drop": statistics.fmean(r["drop"] for r in rs),
                     "membrane_error": statistics.fmean(errs) if errs else None,
                     "seconds": statistics.fmean(r["seconds"] for r in rs), "runs": rs})
-    table = _results_table(agg, dense.accuracy, spread=True)
+    table = _results_table(agg, dense_mean, spread=True)
     print(table)
     result = {"model": str(args.model), "data": spec.name, "frames": spec.frames, "calib_samples": args.calib_samples,
-              "seeds": seeds, "solver": args.solver, "allocation": args.allocation, "calibration": args.calibration,
-              "dense": dense.to_dict(), "results": agg, "seconds": time.time() - t_all}
+              "calib_from": args.calib_from, "seeds": seeds, "solver": args.solver, "allocation": args.allocation,
+              "lamp_power": args.lamp_power,
+              "calibration": args.calibration, "dense": dict(dense.to_dict(), accuracy=dense_mean,
+                                                             accuracy_std=dense_std, accuracies=list(dense_acc.values())),
+              "results": agg, "seconds": time.time() - t_all}
     outdir.mkdir(exist_ok=True)
     _write_json(outdir / "sweep.json", result)
     _write_text(outdir / "sweep.txt", table + "\n")
@@ -774,7 +824,7 @@ def cmd_sweep(args) -> int:
     try:
         from .plot import plot_results
 
-        plot_results(agg, dense.accuracy, outdir / "sweep.png",
+        plot_results(agg, dense_mean, outdir / "sweep.png", dense_std=dense_std,
                      title=f"{spec.name}, T={spec.frames}, {args.calib_samples} calibration samples, "
                            f"{len(seeds)} seeds")
         written.append("sweep.png")
@@ -792,7 +842,7 @@ def _results_table(rows: list[dict], dense_acc: float, spread: bool = False) -> 
         if spread:
             acc += f" ± {100 * r['accuracy_std']:.2f}"
         body.append([r["task"], r["method"], _level_str(r["task"], r["level"]), acc,
-                     f"{100 * (dense_acc - r['accuracy']):+.2f}", _fmt_err(r["membrane_error"]),
+                     f"{100 * r.get('drop', dense_acc - r['accuracy']):+.2f}", _fmt_err(r["membrane_error"]),
                      f"{r['seconds']:.2f}"])
     return _table(headers, body, right={2, 3, 4, 5, 6})
 
@@ -800,7 +850,7 @@ def _results_table(rows: list[dict], dense_acc: float, spread: bool = False) -> 
 # ---- osbc demo --------------------------------------------------------------------------------
 
 DEMO = dict(frames=10, epochs=8, lr=5e-3, calib_samples=256, sparsities=[0.5, 0.9, 0.97], bits=[8, 4, 3, 2],
-            methods=["osbc", "obc", "magnitude", "rtn"], hidden=256, solver="auto")
+            methods=["osbc", "obc", "magnitude", "rtn"], hidden=256, solver="fast")
 
 
 def _args_demo(p: argparse.ArgumentParser) -> None:
@@ -812,7 +862,9 @@ def _args_demo(p: argparse.ArgumentParser) -> None:
     p.add_argument("--sparsities", type=_listof(_sparsity), default=DEMO["sparsities"])
     p.add_argument("--bits", type=_listof(_bits), default=DEMO["bits"])
     p.add_argument("--methods", type=_listof(str, ("osbc", "obc", "magnitude", "rtn")), default=DEMO["methods"])
-    p.add_argument("--solver", default=DEMO["solver"], choices=("auto", "exact", "fast"))
+    p.add_argument("--solver", default=DEMO["solver"], choices=("auto", "exact", "fast"),
+                   help="default fast (SparseGPT / GPTQ column sweeps) to fit the CPU budget; auto or exact "
+                        "run the greedy ExactOBS / OBQ solvers (minutes per layer on 2 CPU cores)")
     p.set_defaults(demo_defaults=True)
 
 
@@ -850,7 +902,7 @@ def cmd_demo(args) -> int:
     _say(args, f"      test accuracy {100 * dense.accuracy:.2f}% (best epoch {tres.best_epoch} by validation; "
                f"{time.time() - t0:.1f} s)")
     test = _materialize(test_ds)
-    calib = _calibration(train_ds, args.calib_samples, args.seed, args.batch_size)
+    calib, _ = _calibration(train_ds, args.calib_samples, args.seed, args.batch_size)
     jobs = _grid(args.sparsities, args.bits, args.methods)
     _say(args, f"[3/4] {len(jobs)} one-shot compressions from {args.calib_samples} calibration samples")
     rows = []
@@ -861,7 +913,8 @@ def cmd_demo(args) -> int:
         r = _run_job(model, calib, test, task, method, level, dev, args.seed, args.solver)
         m = r.pop("_model")
         if method == "osbc" and (task, level) in (("prune", max(args.sparsities or [0])), ("quantize", 4)):
-            keep[f"{'pruned' if task == 'prune' else 'quantized'}-{_level_str(task, level).replace(' ', '')}-osbc"] = m
+            tag = f"pruned-{round(100 * level)}" if task == "prune" else f"quantized-{int(level)}bit"
+            keep[f"{tag}-osbc"] = (m, r["accuracy"])
         rows.append(r)
         _say(args, f"      {task:<8} {method:<9} {_level_str(task, level):>8}  acc {100 * r['accuracy']:6.2f}%  "
                    f"mem.err {_fmt_err(r['membrane_error']):>8}  {r['seconds']:.2f} s")
@@ -875,9 +928,7 @@ def cmd_demo(args) -> int:
 
     save(model, outdir / "dense.safetensors", data=spec.name, frames=spec.frames,
          info={"test_accuracy": dense.accuracy, "train": tres.to_dict()})
-    for name, m in keep.items():
-        acc = next(r["accuracy"] for r in rows if r["method"] == "osbc" and
-                   f"{_level_str(r['task'], r['level']).replace(' ', '')}" in name)
+    for name, (m, acc) in keep.items():
         save(m, outdir / f"{name}.safetensors", data=spec.name, frames=spec.frames, info={"test_accuracy": acc})
     wall = time.time() - t_start
     report = {"settings": {"data": spec.name, "frames": spec.frames, "hidden": args.hidden, "epochs": args.epochs,

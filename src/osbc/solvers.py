@@ -49,50 +49,57 @@ def _progress(progress: bool, total: int, desc: str):
 
 # ---- damping --------------------------------------------------------------------------------------
 
-def _damped(H: Tensor, damp: float):
-    """Float64 (H_damped, cholesky factor, dead) for [d, d] or [R, d, d].
+def _damped(H: Tensor, damp: float, flip: bool = False):
+    """Float64 (H_damped, Cholesky factor, dead) for [d, d] or [R, d, d].
 
     Dead inputs get a unit diagonal and no coupling, so removing them costs nothing and touches no
     other weight. lambda = damp * mean of the live diagonal (scale-free); Cholesky failures retry
-    with 10x more damping, then fall back to an eigenvalue floor."""
+    with 10x more damping, then fall back to an eigenvalue floor. ``flip=True`` factors the
+    reversed matrix J H J instead (what the column sweeps need). In place where possible: a layer's
+    H can be large."""
     batched = H.dim() == 3
-    H = torch.nan_to_num(H.detach().to(torch.float64), nan=0.0, posinf=0.0, neginf=0.0)
+    H = H.detach().to(torch.float64, copy=True)
     if not batched:
         H = H[None]
-    H = 0.5 * (H + H.mT)
-    d = H.shape[-1]
-    dead = H.diagonal(dim1=1, dim2=2) <= 0
-    H = H.masked_fill(dead[:, :, None] | dead[:, None, :], 0.0)
+    torch.nan_to_num_(H, nan=0.0, posinf=0.0, neginf=0.0)
+    H = H.add_(H.mT.clone()).mul_(0.5) if H.shape[0] == 1 else 0.5 * (H + H.mT)
     diag = H.diagonal(dim1=1, dim2=2)
+    dead = diag <= 0
+    if bool(dead.any()):
+        H.masked_fill_(dead[:, :, None], 0.0).masked_fill_(dead[:, None, :], 0.0)
+        diag.masked_fill_(dead, 1.0)
     live = (~dead).to(H.dtype)
     mean = (diag * live).sum(1) / live.sum(1).clamp_min(1.0)
     mean = torch.where(mean > 0, mean, torch.ones_like(mean))
-    diag.masked_fill_(dead, 1.0)
     lam = mean * damp if damp > 0 else torch.zeros_like(mean)
-    eye = torch.eye(d, dtype=H.dtype, device=H.device)
-    Hd = H + lam[:, None, None] * eye
-    L, info = torch.linalg.cholesky_ex(Hd)
+    diag.add_(lam[:, None])                                  # H is now the damped matrix
+
+    def chol(M):
+        return torch.linalg.cholesky_ex(M.flip(-2, -1) if flip else M)
+    L, info = chol(H)
     for _ in range(_RETRIES):
         bad = info != 0
         if not bool(bad.any()):
             break
-        lam = torch.where(bad, torch.where(lam > 0, lam * 10, mean * 1e-6), lam)
-        Hd[bad] = H[bad] + lam[bad, None, None] * eye
-        L[bad], info[bad] = torch.linalg.cholesky_ex(Hd[bad])
+        new = torch.where(bad, torch.where(lam > 0, lam * 10, mean * 1e-6), lam)
+        diag.add_((new - lam)[:, None])
+        lam = new
+        L[bad], info[bad] = chol(H[bad])
     bad = info != 0
     if bool(bad.any()):  # not even heavy damping helped (non-finite or wildly indefinite input)
-        e, V = torch.linalg.eigh(H[bad])
-        e = e.clamp_min(mean[bad, None] * damp + 1e-6 * e.abs().amax(1, keepdim=True).clamp_min(1e-300))
-        Hd[bad] = (V * e[:, None, :]) @ V.mT
-        Hd[bad] = 0.5 * (Hd[bad] + Hd[bad].mT)
-        L[bad], info[bad] = torch.linalg.cholesky_ex(Hd[bad])
+        Hb = H[bad] - torch.diag_embed(lam[bad, None].expand(-1, H.shape[-1]))
+        e, V = torch.linalg.eigh(Hb)
+        e = e.clamp_min(mean[bad, None] * max(damp, 1e-6) + 1e-6 * e.abs().amax(1, keepdim=True))
+        Hb = (V * e[:, None, :]) @ V.mT
+        H[bad] = 0.5 * (Hb + Hb.mT)
+        L[bad], info[bad] = chol(H[bad])
         bad = info != 0
         if bool(bad.any()):
-            Hd[bad] = torch.diag_embed(H[bad].diagonal(dim1=1, dim2=2).abs() + mean[bad, None])
-            L[bad] = torch.linalg.cholesky(Hd[bad])
+            H[bad] = torch.diag_embed(H[bad].diagonal(dim1=1, dim2=2).abs() + mean[bad, None])
+            L[bad] = chol(H[bad])[0]
     if not batched:
-        return Hd[0], L[0], dead[0]
-    return Hd, L, dead
+        return H[0], L[0], dead[0]
+    return H, L, dead
 
 
 def _chol_inverse(L: Tensor) -> Tensor:
@@ -158,8 +165,9 @@ class _Lazy:
         """Current H^-1 rows q: [c] -> [c, n]; [c, k] -> [c, k, n]."""
         n, j = self.n, self.j
         _FLOPS[0] += 2 * self.c * j * n * (1 if q.dim() == 1 else q.shape[1])
-        if q.dim() == 1:
-            r = self.buf[self.ar, q, :n]
+        if q.dim() == 1:   # row gather as index_select on the flat [c n0, n0] view: a memcpy per row
+            n0 = self.buf.shape[1]
+            r = self.buf.view(-1, n0)[:, :n].index_select(0, self.ar * n0 + q)
             if j:
                 uq = self.Ubuf[self.ar, :j, q]
                 r = torch.baddbmm(r[:, None], uq[:, None], self.Ubuf[:, :j, :n], alpha=-1)[:, 0]
@@ -216,6 +224,34 @@ class _Lazy:
         return tuple(v[:, :m] for v in vecs)
 
 
+_ARG_G = 64
+
+
+class _Scores:
+    """Score buffer [c, n0 rounded up to 64] padded with +inf, with a blocked first-occurrence
+    argmin (per-block minima, then the first block holding the row minimum, then inside it):
+    a plain row argmin is a scalar loop, the block minima are vectorised."""
+
+    def __init__(self, c: int, n: int, like: Tensor):
+        self.buf = torch.full((c, -(-n // _ARG_G) * _ARG_G), float("inf"), dtype=like.dtype, device=like.device)
+        self.n = n
+        self.ar = torch.arange(c, device=like.device)
+
+    def view(self) -> Tensor:
+        return self.buf[:, :self.n]
+
+    def shrink(self, m: int):
+        self.buf[:, m:self.n] = float("inf")
+        self.n = m
+
+    def argmin(self) -> Tensor:
+        c = self.buf.shape[0]
+        npad = -(-self.n // _ARG_G) * _ARG_G
+        blocks = self.buf[:, :npad].view(c, -1, _ARG_G)
+        b = blocks.amin(2).argmin(1)
+        return b * _ARG_G + blocks[self.ar, b].argmin(1)
+
+
 def _greedy(lz: _Lazy, w: Tensor, pen: Tensor, idx: Tensor, steps: int, *, quant=None, nm=None, bar=None):
     """One weight per step per row (OBS pruning if ``quant`` is None, else OBQ).
 
@@ -235,14 +271,15 @@ def _greedy(lz: _Lazy, w: Tensor, pen: Tensor, idx: Tensor, steps: int, *, quant
     diag = lz.diag()
     diag.masked_fill_(~_live(pen), 1.0)
     told = 0
+    sb = _Scores(c, lz.n, w)
     for s in range(steps):
         if quant is not None:
             t = torch.round(w / sc).clamp_(qmin, qmax).mul_(sc)
             e = w - t
         else:
             e = w
-        score = torch.addcdiv(pen, e * e, diag)
-        q = score.argmin(1)
+        torch.addcdiv(pen, e * e, diag, out=sb.view())
+        q = sb.argmin()
         q1 = q[:, None]
         col = lz.rows(q)
         dq = col.gather(1, q1).clamp_min_(_FLOOR)
@@ -274,6 +311,7 @@ def _greedy(lz: _Lazy, w: Tensor, pen: Tensor, idx: Tensor, steps: int, *, quant
                     w, pen, idx = lz.compact(_live(pen), w, pen, idx)
                 else:
                     w, pen, idx, gid = lz.compact(_live(pen), w, pen, idx, gid)
+                sb.shrink(lz.n)
             else:
                 lz.flush()
             diag = lz.diag()
@@ -683,20 +721,13 @@ def prune_exact(W: Tensor, H: Tensor, sparsity, *, block: int = 1, nm=None, row_
 
 # ---- fast column sweeps (SparseGPT, GPTQ) -----------------------------------------------------------
 
-def _chol_hinv_upper(Hd: Tensor) -> Tensor:
-    """Upper Cholesky factor U of Hd^-1 (Hd^-1 = U^T U), float64: row i holds the error-spreading
-    coefficients of column i once columns < i are fixed (GPTQ's form of the OBS downdates).
-    With J the order reversal and J Hd J = L L^T: Hd^-1 = (J L^-1 J)^T (J L^-1 J), and J L^-1 J is
-    upper triangular, so one Cholesky and one triangular inverse suffice."""
-    d = Hd.shape[0]
-    eye = torch.eye(d, dtype=Hd.dtype, device=Hd.device)
-    Hf = Hd.flip(0, 1)
-    L, info = torch.linalg.cholesky_ex(Hf)
-    jit = 1e-10
-    while int(info) != 0 and jit < 1:
-        L, info = torch.linalg.cholesky_ex(Hf + eye * Hf.diagonal().abs().mean() * jit)
-        jit *= 100
-    return torch.linalg.solve_triangular(L, eye, upper=False).flip(0, 1)
+def _hinv_upper(Lf: Tensor) -> Tensor:
+    """Upper Cholesky factor U of H^-1 (H^-1 = U^T U) from Lf = chol(J H J), J the order reversal:
+    H^-1 = (J Lf^-1 J)^T (J Lf^-1 J) and J Lf^-1 J is upper triangular. Row i of U holds the
+    error-spreading coefficients of column i once columns < i are fixed (GPTQ's form of the OBS
+    downdates); one triangular inverse, no explicit H^-1."""
+    eye = torch.eye(Lf.shape[-1], dtype=Lf.dtype, device=Lf.device)
+    return torch.linalg.solve_triangular(Lf, eye, upper=False).flip(0, 1)
 
 
 def _sweep(w: Tensor, Uc: Tensor, blocksize: int, target):
@@ -753,7 +784,7 @@ def prune_sparsegpt(W: Tensor, H: Tensor, sparsity, *, nm=None, blocksize: int =
     R, d = W.shape
     dev, cdt = W.device, _cdtype(W)
     k = _budget(sparsity, R, d, nm)
-    Hd, _, dead = _damped(H.to(dev), damp)
+    Hd, Lf, dead = _damped(H.to(dev), damp, flip=True)
     w = W.detach().to(cdt).clone()
     prune = torch.zeros(R, d, dtype=torch.bool, device=dev)
     if nm is None:
@@ -764,7 +795,10 @@ def prune_sparsegpt(W: Tensor, H: Tensor, sparsity, *, nm=None, blocksize: int =
             return (w * ~prune).to(W.dtype), ~prune
         prune[:, dcols] = True
         a = torch.nonzero(~dead)[:, 0]
-        Uc = _chol_hinv_upper(Hd[a][:, a]).to(cdt)
+        # dead inputs are decoupled: the live block of the factor is the live block's factor
+        fa = (d - 1 - a).flip(0)
+        Uc = _hinv_upper(Lf[fa][:, fa]).to(cdt)
+        del Hd, Lf
         wa = w[:, a].contiguous()
         da = int(a.numel())
         bounds = list(range(0, da, blocksize))
@@ -786,7 +820,8 @@ def prune_sparsegpt(W: Tensor, H: Tensor, sparsity, *, nm=None, blocksize: int =
         bs = max(m, blocksize // m * m)
         sizes = [min(m, d - g * m) for g in range(G)]
         quota = _quotas(k, [R * min(cap, s_) for s_ in sizes])
-        Uc = _chol_hinv_upper(Hd).to(cdt)
+        Uc = _hinv_upper(Lf).to(cdt)
+        del Hd, Lf
         dg = Uc.diagonal()
 
         def target(i, W1, U1, il):
@@ -846,10 +881,15 @@ def quantize_gptq(W: Tensor, H: Tensor, grid: Grid, *, keep_mask: Tensor | None 
     R, d = W.shape
     dev, cdt = W.device, _cdtype(W)
     keep = None if keep_mask is None else keep_mask.to(device=dev, dtype=torch.bool)
-    Hd, _, dead = _damped(H.to(dev), damp)
-    perm = torch.sort(-torch.nan_to_num(H.to(device=dev, dtype=torch.float64)).diagonal(), stable=True).indices \
-        if act_order else torch.arange(d, device=dev)
-    Uc = _chol_hinv_upper(Hd[perm][:, perm]).to(cdt)
+    if act_order:
+        perm = torch.sort(-torch.nan_to_num(H.diagonal().to(device=dev, dtype=torch.float64)), stable=True).indices
+        Hp = H.to(dev)[perm][:, perm]
+    else:
+        perm, Hp = torch.arange(d, device=dev), H.to(dev)
+    _, Lf, _ = _damped(Hp, damp, flip=True)
+    del Hp
+    Uc = _hinv_upper(Lf).to(cdt)
+    del Lf
     w = W.detach().to(cdt)[:, perm].contiguous()
     kp = None if keep is None else keep[:, perm]
     s = grid.scale.to(device=dev, dtype=cdt)

@@ -24,7 +24,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset, Subset
 
-from .frames import SplitBy, _check as _check_frame_args, downsampled_size, sparse_frame_counts
+from .frames import SplitBy, _check as _check_frame_args, downsampled_size, events_to_frames, sparse_frame_counts
 from .readers import EventFileError, OnError, _atomic_write, _check_on_error, read_aedat20, read_aedat31, read_nmnist
 
 __all__ = [
@@ -424,8 +424,10 @@ class EventDataset(Dataset):
 
     def _frames_into(self, i: int, flat: np.ndarray) -> None:
         """Add sample i's counts into `flat` (zeros, the frames raveled), from the cache if there."""
+        assert self.frames is not None
         if self.cache_root is None:
-            _scatter(self._count(self.events(i)), flat)
+            flat[:] = events_to_frames(self.events(i), self.sensor_size, self.frames,
+                                       self.split_by, self.downsample).ravel()
             return
         if self._load(i, flat):
             return
@@ -662,11 +664,14 @@ class CIFAR10DVS(EventDataset):
 
     def __init__(self, root: str | os.PathLike | None, train: bool = True, frames: int | None = 20,
                  split_by: SplitBy = "time", *, downsample: int = 1, train_fraction: float = 0.9,
-                 seed: int | None = 0, **kw: Any):
+                 seed: int | None = 0, cache: bool | str | os.PathLike | None = None,
+                 on_error: OnError = "raise", transform: Callable | None = None,
+                 target_transform: Callable | None = None):
         if not 0.0 < train_fraction < 1.0:
             raise ValueError(f"train_fraction must lie strictly between 0 and 1, got {train_fraction}")
         self.train_fraction, self.seed = train_fraction, seed
-        super().__init__(root, train=train, frames=frames, split_by=split_by, downsample=downsample, **kw)
+        super().__init__(root, train, frames, split_by, downsample=downsample, cache=cache,
+                         on_error=on_error, transform=transform, target_transform=target_transform)
 
     def _index(self) -> list[Sample]:
         found: dict[int, Path] = {}

@@ -54,10 +54,9 @@ def frame_index(t: np.ndarray, frames: int, split_by: SplitBy = "time") -> np.nd
     return np.minimum((t - t0) // dt, frames - 1)
 
 
-def sparse_frame_counts(events: np.ndarray, sensor_size: tuple[int, int], frames: int,
-                        split_by: SplitBy = "time", downsample: int = 1
-                        ) -> tuple[np.ndarray, np.ndarray, tuple[int, int, int, int]]:
-    """The non-zero entries of :func:`events_to_frames` as (flat indices ascending, counts, shape)."""
+def _flat_index(events: np.ndarray, sensor_size: tuple[int, int], frames: int, split_by: SplitBy,
+                downsample: int) -> tuple[np.ndarray, tuple[int, int, int, int]]:
+    """Index of each event in the raveled [frames, 2, H, W] array, and that shape."""
     _check(frames, split_by, downsample)
     h, w = sensor_size
     x = np.asarray(events["x"]).astype(np.int64)
@@ -71,18 +70,28 @@ def sparse_frame_counts(events: np.ndarray, sensor_size: tuple[int, int], frames
         y //= downsample
     on = np.asarray(events["p"]) != 0
     fi = frame_index(np.asarray(events["t"]), frames, split_by)
-    flat = ((fi * 2 + on) * hh + y) * ww + x
-    shape = (frames, 2, hh, ww)
-    size = frames * 2 * hh * ww
+    return ((fi * 2 + on) * hh + y) * ww + x, (frames, 2, hh, ww)
+
+
+def sparse_frame_counts(events: np.ndarray, sensor_size: tuple[int, int], frames: int,
+                        split_by: SplitBy = "time", downsample: int = 1
+                        ) -> tuple[np.ndarray, np.ndarray, tuple[int, int, int, int]]:
+    """The non-zero entries of :func:`events_to_frames` as (flat indices ascending, counts, shape)."""
+    flat, shape = _flat_index(events, sensor_size, frames, split_by, downsample)
+    size = int(np.prod(shape))
     if flat.size * 8 < size:
-        # few events for many bins (N-MNIST at T=100): sorting the events beats zeroing and
-        # scanning a full-size count array
-        flat.sort()
-        first = np.flatnonzero(np.r_[True, flat[1:] != flat[:-1]]) if flat.size else flat
-        return flat[first], np.diff(np.r_[first, flat.size]), shape
+        # few events for many bins (N-MNIST at T=100): sorting the events beats scanning a
+        # full-size count array for its non-zeros
+        return (*_sorted_counts(flat), shape)
     counts = np.bincount(flat, minlength=size)
     idx = np.flatnonzero(counts)
     return idx, counts[idx], shape
+
+
+def _sorted_counts(flat: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    flat = np.sort(flat)
+    first = np.flatnonzero(np.r_[True, flat[1:] != flat[:-1]]) if flat.size else flat
+    return flat[first], np.diff(np.r_[first, flat.size])
 
 
 def events_to_frames(events: np.ndarray, sensor_size: tuple[int, int], frames: int,
@@ -93,7 +102,14 @@ def events_to_frames(events: np.ndarray, sensor_size: tuple[int, int], frames: i
     ``sensor_size`` is (H, W) of the recording; ``downsample`` sums blocks of pixels
     (2: 128x128 -> 64x64). ``dtype=None`` gives int64 counts.
     """
-    idx, counts, shape = sparse_frame_counts(events, sensor_size, frames, split_by, downsample)
-    out = np.zeros(int(np.prod(shape)), np.int64 if dtype is None else dtype)
-    out[idx] = counts
-    return out.reshape(shape)
+    flat, shape = _flat_index(events, sensor_size, frames, split_by, downsample)
+    size = int(np.prod(shape))
+    if flat.size * 64 < size:
+        # very sparse (a short recording at large T): scatter the few counts instead of
+        # counting into, and converting, a full-size int64 array
+        idx, counts = _sorted_counts(flat)
+        out = np.zeros(size, np.int64 if dtype is None else dtype)
+        out[idx] = counts
+        return out.reshape(shape)
+    counts = np.bincount(flat, minlength=size).reshape(shape)
+    return counts if dtype is None else counts.astype(dtype)
