@@ -73,8 +73,9 @@ def root(tmp_path_factory):
 @pytest.fixture(scope="module")
 def ckpt(tmp_path_factory, env, root):
     out = tmp_path_factory.mktemp("ck") / "mlp.safetensors"
-    code, so, se = run("train", "--data", "digits", "--root", root, "--frames", T, "--epochs", 2, "--lr", "5e-3",
-                       "--arch-arg", "hidden=32", "--out", out, "-q", env=env)
+    # 17x17 frames (--downsample 2) keep the layers small: 578 inputs instead of 2312
+    code, so, se = run("train", "--data", "digits", "--root", root, "--frames", T, "--downsample", 2, "--epochs", 3,
+                       "--lr", "5e-3", "--arch-arg", "hidden=32", "--out", out, "-q", env=env)
     assert code == 0, se
     assert "test accuracy" in so
     return out
@@ -89,10 +90,11 @@ def common(root):
 def test_train_writes_a_rebuildable_checkpoint(ckpt):
     meta = read_meta(ckpt)
     assert meta["arch"] == "nmnist_mlp" and meta["data"] == "digits" and meta["frames"] == T
-    assert meta["kwargs"]["hidden"] == 32 and meta["kwargs"]["in_shape"] == [2, 34, 34]
-    assert meta["info"]["test_accuracy"] > 0.3  # 2 epochs of a 32-unit MLP on T=4 frames
+    assert meta["kwargs"]["hidden"] == 32 and meta["kwargs"]["in_shape"] == [2, 17, 17]
+    assert meta["info"]["test_accuracy"] > 0.3  # 3 epochs of a 32-unit MLP on T=4 frames
+    assert meta["info"]["downsample"] == 2
     m = load(ckpt)
-    assert tuple(m.fc1.weight.shape) == (32, 2312)
+    assert tuple(m.fc1.weight.shape) == (32, 578)
 
 
 def test_eval(ckpt, root, capsys, tmp_path):
@@ -109,7 +111,7 @@ def test_eval(ckpt, root, capsys, tmp_path):
 def test_info_on_checkpoint_and_architecture(ckpt, env, capsys):
     code, so, se = run("info", "--model", ckpt, env=env)
     assert code == 0, se
-    assert "fc1" in so and "32x2312" in so and "LIF(tau=2" in so and "2 compressible modules" in so
+    assert "fc1" in so and "32x578" in so and "LIF(tau=2" in so and "2 compressible modules" in so
     code, so, se = inproc(capsys, "info", "--arch", "dvsgesture_net", "--frames", 2)
     assert code == 0, se
     assert "conv5.0" in so and "500x2048" in so and "110x500" in so and "7 compressible modules" in so
@@ -167,7 +169,8 @@ def test_sweep(ckpt, root, capsys, tmp_path):
 
 def test_small_demo(root, env, tmp_path):
     out = tmp_path / "demo"
-    code, so, se = run("demo", "--out", out, "--root", root, "--frames", T, "--epochs", 1, "--hidden", 32,
+    code, so, se = run("demo", "--out", out, "--root", root, "--frames", T, "--downsample", 2, "--epochs", 2,
+                       "--hidden", 32,
                        "--calib-samples", 32, "--sparsities", "90%", "--bits", "4", "--solver", "fast",
                        env=env)
     assert code == 0, se
@@ -232,7 +235,7 @@ def test_existing_output_needs_force(env, ckpt, root, capsys, tmp_path):
     code, _, se = inproc(capsys, "prune", "--model", ckpt, "--sparsity", "0.5", "--method", "magnitude", "--out", out,
                          "--force", *common(root), "-q")
     assert code == 0, se
-    assert load(out).fc1.weight.shape == (32, 2312)
+    assert load(out).fc1.weight.shape == (32, 578)
 
 
 def test_demo_into_non_empty_folder_needs_force(capsys, tmp_path):
@@ -324,3 +327,24 @@ def test_plugins_can_add_commands(capsys):
         assert code == 0 and seen == {"who": "osbc"}
     finally:
         cli.COMMANDS.pop("hello-test")
+
+
+def test_real_dataset_reader_via_root(ckpt, root, capsys):
+    """--data nmnist reads N-MNIST's own layout (Train/<digit>/<id>.bin); the digits are stored in it."""
+    folder = next(p for p in Path(root).iterdir() if (p / "Test").is_dir())
+    code, so, se = inproc(capsys, "eval", "--model", ckpt, "--data", "nmnist", "--root", folder, "--downsample", 2,
+                          "--max-samples", 50)
+    assert code == 0, se
+    assert "on nmnist (test, T=4)" in so and "(50 samples)" in so
+
+
+def test_downsampling_is_remembered(root, capsys, tmp_path):
+    ck = tmp_path / "ds.safetensors"
+    code, so, se = inproc(capsys, "train", "--root", root, "--frames", T, "--downsample", 2, "--epochs", 1,
+                          "--arch-arg", "hidden=8", "--out", ck, "-q")
+    assert code == 0, se
+    assert load(ck).in_shape == (2, 17, 17) and read_meta(ck)["info"]["downsample"] == 2
+    code, so, se = inproc(capsys, "eval", "--model", ck, "--root", root, "--max-samples", 20)
+    assert code == 0, se  # --downsample 2 comes from the checkpoint
+    code, so, se = inproc(capsys, "eval", "--model", ck, "--root", root, "--downsample", 1)
+    assert_user_error(code, se, match="expects input (2, 17, 17)")

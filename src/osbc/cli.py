@@ -267,23 +267,30 @@ def _load_model(path: str, device):
 class DataSpec:
     name: str
     frames: int
+    downsample: int | None = None
 
 
 def _data_spec(args, cfg: dict | None = None) -> DataSpec:
+    """Data set, frames and downsampling: the command line's, else the checkpoint's, else defaults."""
     cfg = cfg or {}
     name = args.data or cfg.get("data") or "digits"
     if name not in DATASETS:
         raise UserError(f"the checkpoint was trained on {name!r}; pass --data with one of {', '.join(DATASETS)}")
     frames = args.frames or cfg.get("frames") or DEFAULT_FRAMES[name]
-    return DataSpec(name, int(frames))
+    same_data = args.data is None or args.data == cfg.get("data")
+    down = getattr(args, "downsample", None) or ((cfg.get("info") or {}).get("downsample") if same_data else None)
+    return DataSpec(name, int(frames), int(down) if down and int(down) > 1 else None)
 
 
 def _dataset(args, spec: DataSpec, train: bool):
     from . import data as D
 
     kw = {}
-    if getattr(args, "downsample", None):
-        kw["downsample"] = args.downsample
+    if spec.downsample:
+        kw["downsample"] = spec.downsample
+    if args.root is None and spec.name != "digits":
+        raise UserError(f"--data {spec.name} needs --root DIR, the folder holding the downloaded data set "
+                        "(see the README)")
     try:
         return D.load_dataset(spec.name, root=args.root, train=train, frames=spec.frames, **kw)
     except TypeError as e:  # an option this dataset does not take
@@ -502,8 +509,10 @@ def cmd_train(args) -> int:
                                   log=(lambda s: None) if args.quiet else print)
     from .checkpoint import save
 
-    save(model, out, data=spec.name, frames=spec.frames,
-         info={"test_accuracy": ev.accuracy, "train": res.to_dict(), "seed": args.seed})
+    info = {"test_accuracy": ev.accuracy, "train": res.to_dict(), "seed": args.seed}
+    if spec.downsample:
+        info["downsample"] = spec.downsample
+    save(model, out, data=spec.name, frames=spec.frames, info=info)
     print(f"test accuracy {100 * ev.accuracy:.2f}% ({ev.samples} samples); best epoch {res.best_epoch}; "
           f"{res.seconds:.1f} s; wrote {out}")
     return 0
@@ -558,7 +567,7 @@ def _compress(args, task: str) -> int:
     from .training import evaluate
 
     common = dict(method=args.method, solver=args.solver, calibration=args.calibration, device=dev, seed=args.seed,
-                  verbose=not args.quiet, include=args.include, exclude=args.exclude)
+                  verbose=_progress(args), include=args.include, exclude=args.exclude)
     _seed_all(args.seed)
     t0 = time.time()
     if task == "prune":
@@ -586,6 +595,8 @@ def _compress(args, task: str) -> int:
     else:
         print(f"{args.method} {what}: done in {secs:.1f} s")
     info = {"compression": {k: v for k, v in summary.items() if k not in ("dense", "compressed")}}
+    if spec.downsample:
+        info["downsample"] = spec.downsample
     if "compressed" in summary:
         info["test_accuracy"] = summary["compressed"]["accuracy"]
         info["dense_test_accuracy"] = summary["dense"]["accuracy"]
@@ -887,8 +898,9 @@ def cmd_demo(args) -> int:
     # frames once and kept in memory
     with tempfile.TemporaryDirectory(prefix="osbc-digits-") as tmp:
         root = args.root or tmp
-        train_ds = _in_memory(D.load_dataset("digits", root=root, train=True, frames=spec.frames, cache=False))
-        test_ds = _in_memory(D.load_dataset("digits", root=root, train=False, frames=spec.frames, cache=False))
+        kw = {"downsample": spec.downsample} if spec.downsample else {}
+        train_ds = _in_memory(D.load_dataset("digits", root=root, train=True, frames=spec.frames, cache=False, **kw))
+        test_ds = _in_memory(D.load_dataset("digits", root=root, train=False, frames=spec.frames, cache=False, **kw))
     x0, _ = train_ds[0]
     _say(args, f"[1/4] digits events: {len(train_ds)} train / {len(test_ds)} test samples, "
                f"{tuple(x0.shape)} frames each, {'read from ' + args.root if args.root else 'built from scratch'} "

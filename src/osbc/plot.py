@@ -7,7 +7,7 @@ from pathlib import Path
 
 __all__ = ["plot_results"]
 
-_STYLE = {"osbc": dict(color="tab:red", marker="o"), "obc": dict(color="tab:blue", marker="s"),
+_STYLE = {"osbc": dict(color="tab:red", marker="o", zorder=4), "obc": dict(color="tab:blue", marker="s"),
           "magnitude": dict(color="tab:gray", marker="^"), "rtn": dict(color="tab:green", marker="v")}
 
 

@@ -217,8 +217,15 @@ class _Lazy:
             V = self.Hi
             ar = self.ar[:, None]
             V[ar, a] = V[ar, b]                                     # rows
-            Vm = V[:, :m]
-            Vm.scatter_(2, a[:, None].expand(-1, m, -1), Vm.gather(2, b[:, None].expand(-1, m, -1)))  # columns
+            # columns: by symmetry the moved rows, transposed (contiguous reads, one row at a time),
+            # once their own entries at the moved columns are fixed (a K x K block)
+            src = V[ar, a]
+            Ka = a[:, None].expand(-1, K, -1)
+            src.scatter_(2, Ka, src.gather(2, b[:, None].expand(-1, K, -1)))
+            src = src[:, :, :m]
+            with _threads(self.nthreads, V.device):
+                for r in range(self.c):
+                    V[r, :m].index_copy_(1, a[r], src[r].T)
             vecs = tuple(v.scatter(1, a, v.gather(1, b)) for v in vecs)
         self.n = m
         return tuple(v[:, :m] for v in vecs)

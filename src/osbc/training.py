@@ -10,8 +10,6 @@ Accepted data: a torch ``Dataset`` of ``(frames, label)``, a ``DataLoader`` (or 
 
 from __future__ import annotations
 
-import copy
-import math
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Callable, Iterable
@@ -119,8 +117,8 @@ def train(model: nn.Module, train_data, val_data=None, *, epochs: int = 10, batc
 
     ``loss="mse"``: mean squared error between the output firing rate and the one-hot target (the
     paper); ``"ce"``: cross-entropy with ``ce_scale * rate`` as logits. Mixed precision (float16
-    autocast + gradient scaling) is on by default on CUDA. Seeded: ``seed`` sets the weights' RNG
-    and the shuffling. After each epoch the model is evaluated on ``val_data`` (if given); the best
+    autocast + gradient scaling) is on by default on CUDA. Seeded: ``seed`` seeds torch's global RNG
+    (dropout) and the shuffling; seed the model's initialisation yourself before building it. After each epoch the model is evaluated on ``val_data`` (if given); the best
     state is kept in memory, loaded back at the end, and written to ``checkpoint`` (via
     :func:`osbc.save` with ``checkpoint_kw``) whenever it improves."""
     if epochs < 1:
