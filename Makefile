@@ -21,7 +21,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/osbc demo
+	$(BIN)/osbc demo --force
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q

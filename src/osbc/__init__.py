@@ -5,12 +5,13 @@
     res.model, res.report
 """
 
-from . import kernels, snn
+from . import kernels, models, snn
 from .report import LayerReport, Report
 
 _LAZY = {"prune": "compress", "quantize": "compress", "inspect": "compress", "Compressed": "compress",
          "export_nir": "nir_export", "save_compressed": "storage", "load_compressed": "storage",
-         "size_report": "storage"}
+         "size_report": "storage", "train": "training", "evaluate": "training", "TrainResult": "training",
+         "Evaluation": "training", "save": "checkpoint", "load": "checkpoint"}
 
 
 def __getattr__(name: str):
@@ -23,4 +24,6 @@ def __getattr__(name: str):
 
 __version__ = "0.1.0"
 
-__all__ = ["prune", "quantize", "inspect", "Compressed", "Report", "LayerReport", "snn", "kernels", "__version__"]
+__all__ = ["prune", "quantize", "inspect", "Compressed", "Report", "LayerReport", "train", "evaluate", "save", "load",
+           "export_nir", "save_compressed", "load_compressed", "size_report", "snn", "kernels", "models",
+           "__version__"]

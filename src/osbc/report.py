@@ -57,7 +57,7 @@ class Report:
                  f"{l.seconds:.2f}"] for l in self.layers]
         width = [max(len(c), *(len(r[i]) for r in rows)) for i, c in enumerate(cols)]
         fmt = "  ".join(f"{{:<{w}}}" for w in width)
-        lines = [head, fmt.format(*cols)] + [fmt.format(*r) for r in rows]
+        lines = [head] + [fmt.format(*r).rstrip() for r in [cols] + rows]
         lines += [f"  {l.name}: kernel {l.kernel}" + (f"; {l.notes}" if l.notes else "") for l in self.layers]
         return "\n".join(lines)
 
