@@ -369,8 +369,8 @@ def quantize(model: nn.Module, calib=None, bits: int = 4, *, method: str = "osbc
     """Quantize the weights of ``model`` to a symmetric ``bits``-bit grid (2..8).
 
     ``method``: ``"osbc"`` (membrane kernel), ``"obc"`` (input current) or ``"rtn"`` (round to
-    nearest). ``solver``: ``"exact"`` (OBQ greedy), ``"fast"`` (GPTQ order with lazy block updates)
-    or ``"auto"``. ``per``: ``"channel"`` (one scale per output row) or ``"layer"``; ``mse``: search
+    nearest). ``solver``: ``"exact"`` (OBQ greedy, each row kept from OBQ or GPTQ, whichever has
+    the lower error), ``"fast"`` (GPTQ order with lazy block updates) or ``"auto"``. ``per``: ``"channel"`` (one scale per output row) or ``"layer"``; ``mse``: search
     shrunk maxima for the scale; ``pow2``: power-of-two scales (hardware targets). Zeros already in
     the weights (a pruned model) stay zero. Other arguments as in :func:`prune`.
     """
@@ -400,14 +400,24 @@ def quantize(model: nn.Module, calib=None, bits: int = 4, *, method: str = "osbc
         for rows, H in hs:
             sub = _sub_grid(grid, rows)
             k = None if keep is None else keep[rows]
-            if kind == "fast":
-                out[rows] = solvers.quantize_gptq(w[rows], H.to(w.device), sub, keep_mask=k, damp=damp)
-            else:
-                out[rows] = solvers.quantize_obq(w[rows], H.to(w.device), sub, keep_mask=k, damp=damp,
-                                                 progress=run.verbose)
+            Hd = H.to(w.device)
+            q = solvers.quantize_gptq(w[rows], Hd, sub, keep_mask=k, damp=damp)
+            if kind == "exact":
+                # OBQ's greedy order is not always better than GPTQ's fixed one (seen on layers with
+                # many silent inputs); both are cheap next to the Hessian, so keep each row's better.
+                q_obq = solvers.quantize_obq(w[rows], Hd, sub, keep_mask=k, damp=damp, progress=run.verbose)
+                better = _row_error(q_obq - w[rows], Hd) <= _row_error(q - w[rows], Hd)
+                q = torch.where(better[:, None], q_obq, q)
+            out[rows] = q
         return out, kind, bits, ""
 
     return run.execute(solve)
+
+
+def _row_error(dw: Tensor, H: Tensor) -> Tensor:
+    """dw_r^T H dw_r per row: each row's share of the layer-wise objective."""
+    dw = dw.double()
+    return ((dw @ H.double()) * dw).sum(1)
 
 
 def _sub_grid(grid: Grid, rows: Tensor) -> Grid:

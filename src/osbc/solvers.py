@@ -30,7 +30,8 @@ __all__ = ["damp_inverse", "PrunePath", "obs_path", "budget_counts", "solve_on_s
            "DEFAULT_MAX_MEMORY"]
 
 DEFAULT_MAX_MEMORY = 512 * 2 ** 20
-_LAZY = 128          # steps between batched downdates
+_LAZY = 128          # most steps between batched downdates
+_UCACHE = 32 * 2 ** 20   # the pending low-rank term is re-read every step: keep it about cache-sized
 _FLOOR = 1e-12       # floor of diag(H^-1) (normalised; the true minimum is ~1/d)
 _RETRIES = 6
 _FLOPS = [0]         # executed H^-1 update flops of the greedy engines (read by bench/bench_solvers.py)
@@ -153,9 +154,16 @@ class _Lazy:
     def __init__(self, Hi: Tensor, lazy: int):
         c, n, _ = Hi.shape
         self.buf, self.Ubuf = Hi, Hi.new_empty(c, lazy, n)
-        self.c, self.n, self.B, self.j = c, n, lazy, 0
+        self.c, self.n, self.j, self.lazy = c, n, 0, lazy
         self.ar = torch.arange(c, device=Hi.device)
         self.nthreads = torch.get_num_threads()     # for the products; steps run on one thread
+        self.resize()
+
+    def resize(self):
+        """Lazy batch B: as long as possible (fewer, more efficient products) while the pending
+        term U [c, B, n], read at every step, stays about cache-sized; grows as the window shrinks."""
+        fit = _UCACHE / (self.buf.element_size() * self.c * max(self.n, 1))
+        self.B = min(self.lazy, max(16, 2 ** int(math.log2(max(fit, 1)))))
 
     @property
     def Hi(self) -> Tensor:
@@ -228,6 +236,7 @@ class _Lazy:
                     V[r, :m].index_copy_(1, a[r], src[r].T)
             vecs = tuple(v.scatter(1, a, v.gather(1, b)) for v in vecs)
         self.n = m
+        self.resize()
         return tuple(v[:, :m] for v in vecs)
 
 
@@ -359,6 +368,8 @@ def _greedy_block(lz: _Lazy, w: Tensor, pen: Tensor, idx: Tensor, steps: int, k:
     rq = torch.empty(c, steps, dtype=torch.int64, device=w.device)
     re = torch.empty(c, steps, dtype=w.dtype, device=w.device)
     rd = torch.empty_like(re)
+    lz.lazy = max(lz.lazy, k)
+    lz.resize()
     lz.B = max(lz.B, k)
     diag = lz.diag()
     diag.masked_fill_(~_live(pen), 1.0)
@@ -371,6 +382,7 @@ def _greedy_block(lz: _Lazy, w: Tensor, pen: Tensor, idx: Tensor, steps: int, k:
             else:
                 w, pen, idx, gid = lz.compact(_live(pen), w, pen, idx, nm[0])
                 nm = (gid, nm[1], nm[2])
+            lz.B = max(lz.B, k)
             diag = lz.diag()
             diag.masked_fill_(~_live(pen), 1.0)
         score = torch.addcdiv(pen, w * w, diag)
