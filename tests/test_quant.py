@@ -1,5 +1,4 @@
 """Quantization grids."""
-import math
 
 import pytest
 import torch

@@ -1,5 +1,4 @@
 """Solvers against independent computations (numpy, brute force, a plain greedy written here)."""
-import itertools
 
 import numpy as np
 import pytest
@@ -435,7 +434,6 @@ def np_obq(w, H, s, qmin, qmax, damp=0.01):
     w = w.copy()
     Hd, dead = np_damped(H, damp)
     Hinv = np.linalg.inv(Hd)
-    d = len(w)
     done = dead.copy()
     out = np.clip(np.round(w / s), qmin, qmax) * s
     while not done.all():
@@ -552,3 +550,17 @@ def test_sparsegpt_equals_plain_sweep():
         Wp[:, i:] -= np.outer(err, U[i, i:])
         Wp[:, i] = q
     np.testing.assert_allclose(Wn.numpy(), Wp, atol=1e-9)
+
+
+def test_lazy_batch_resizing_equals_plain(monkeypatch):
+    """Real-size lazy batches that grow as the active set shrinks (16 -> 128)."""
+    torch.manual_seed(22)
+    R, d = 4, 300
+    monkeypatch.setattr(S, "_UCACHE", 8 * R * 300 * 16)
+    H = spike_H(d, p=0.1, dead=(0, 10))
+    W = torch.randn(R, d, dtype=torch.float64)
+    p = S.obs_path(W, H)
+    for r in range(R):
+        o, l, _ = plain_greedy(W[r].numpy(), H.numpy())
+        assert p.order[r].tolist() == o.tolist()
+        np.testing.assert_allclose(p.loss[r].numpy(), l, rtol=1e-7, atol=1e-13)

@@ -34,6 +34,9 @@ _LAZY = 128          # most steps between batched downdates
 _UCACHE = 32 * 2 ** 20   # the pending low-rank term is re-read every step: keep it about cache-sized
 _FLOOR = 1e-12       # floor of diag(H^-1) (normalised; the true minimum is ~1/d)
 _RETRIES = 6
+_STEP_THREADS = 1    # intra-op threads for the per-step vector work (None: leave as is)
+_BLOCK_ARGMIN = True
+_COMPACT = True      # shrink the active window after each flush (False only for benchmarks)
 _FLOPS = [0]         # executed H^-1 update flops of the greedy engines (read by bench/bench_solvers.py)
 
 
@@ -50,6 +53,20 @@ def _progress(progress: bool, total: int, desc: str):
 
 # ---- damping --------------------------------------------------------------------------------------
 
+def _symmetrize_(H: Tensor, bs: int = 512) -> Tensor:
+    """H := (H + H^T) / 2 in place, block by block (no d x d temporary)."""
+    d = H.shape[0]
+    for i in range(0, d, bs):
+        D = H[i:i + bs, i:i + bs]
+        D.copy_((D + D.mT) * 0.5)
+        for j in range(i + bs, d, bs):
+            A, Bt = H[i:i + bs, j:j + bs], H[j:j + bs, i:i + bs]
+            avg = (A + Bt.mT) * 0.5
+            A.copy_(avg)
+            Bt.copy_(avg.mT)
+    return H
+
+
 def _damped(H: Tensor, damp: float, flip: bool = False):
     """Float64 (H_damped, Cholesky factor, dead) for [d, d] or [R, d, d].
 
@@ -63,7 +80,8 @@ def _damped(H: Tensor, damp: float, flip: bool = False):
     if not batched:
         H = H[None]
     torch.nan_to_num_(H, nan=0.0, posinf=0.0, neginf=0.0)
-    H = H.add_(H.mT.clone()).mul_(0.5) if H.shape[0] == 1 else 0.5 * (H + H.mT)
+    for Hr in H:
+        _symmetrize_(Hr)
     diag = H.diagonal(dim1=1, dim2=2)
     dead = diag <= 0
     if bool(dead.any()):
@@ -106,8 +124,8 @@ def _damped(H: Tensor, damp: float, flip: bool = False):
 def _chol_inverse(L: Tensor) -> Tensor:
     """(L L^T)^-1 from the lower factor: a triangular inverse and one product (LAPACK's potri is
     several times slower here)."""
-    eye = torch.eye(L.shape[-1], dtype=L.dtype, device=L.device)
-    Li = torch.linalg.solve_triangular(L, eye.expand_as(L), upper=False)
+    Li = torch.eye(L.shape[-1], dtype=L.dtype, device=L.device).expand_as(L).contiguous()
+    Li = torch.linalg.solve_triangular(L, Li, upper=False, out=Li)    # in place: one d x d buffer
     return Li.mT @ Li
 
 
@@ -261,6 +279,8 @@ class _Scores:
         self.n = m
 
     def argmin(self) -> Tensor:
+        if not _BLOCK_ARGMIN:
+            return self.view().argmin(1)
         c = self.buf.shape[0]
         npad = -(-self.n // _ARG_G) * _ARG_G
         blocks = self.buf[:, :npad].view(c, -1, _ARG_G)
@@ -274,7 +294,6 @@ def _greedy(lz: _Lazy, w: Tensor, pen: Tensor, idx: Tensor, steps: int, *, quant
     pen [c, n]: 0 eligible, -inf forced first, +inf never, large finite = filler picked last.
     Returns per step: original index, error e_q (w_q or w_q - quant(w_q)), [H^-1]_qq, target t_q."""
     c = w.shape[0]
-    ar = lz.ar
     inf = float("inf")
     rq = torch.empty(steps, c, dtype=torch.int64, device=w.device)
     re = torch.empty(steps, c, dtype=w.dtype, device=w.device)
@@ -322,7 +341,7 @@ def _greedy(lz: _Lazy, w: Tensor, pen: Tensor, idx: Tensor, steps: int, *, quant
             if bar is not None:
                 bar.update((s + 1 - told) * c)
                 told = s + 1
-            if s < steps - 1:
+            if s < steps - 1 and _COMPACT:
                 if nm is None:
                     w, pen, idx = lz.compact(_live(pen), w, pen, idx)
                 else:
@@ -363,7 +382,6 @@ def _greedy_block(lz: _Lazy, w: Tensor, pen: Tensor, idx: Tensor, steps: int, k:
     """k weights per step per row, group OBS update w -= H^-1[:, P] ([H^-1]_PP)^-1 w_P.
     Per removed index, records its own score (w_q^2 / [H^-1]_qq at selection), ascending."""
     c = w.shape[0]
-    ar = lz.ar
     inf = float("inf")
     rq = torch.empty(c, steps, dtype=torch.int64, device=w.device)
     re = torch.empty(c, steps, dtype=w.dtype, device=w.device)
@@ -477,10 +495,12 @@ def obs_path(W: Tensor, H: Tensor, *, max_steps: int | None = None, block: int =
     if shared:
         Hd, L, dead_s = _damped(H.to(dev), damp)
         live_s = torch.nonzero(~dead_s)[:, 0]
-        # dead inputs are decoupled, so the live block of L is the Cholesky factor of the live block
-        Hinv_live = _chol_inverse(L[live_s][:, live_s]) if live_s.numel() else None
         sigma_s = Hd.diagonal()[live_s].mean() if live_s.numel() else Hd.new_tensor(1.0)
-        del Hd, L
+        del Hd
+        # dead inputs are decoupled, so the live block of L is the Cholesky factor of the live block
+        L = L[live_s][:, live_s] if live_s.numel() < d else L
+        Hinv_live = _chol_inverse(L) if live_s.numel() else None
+        del L
     bar = _progress(progress, R * S, "OBS path")
     es = torch.finfo(cdt).bits // 8
     per_row = es * (d * d + _LAZY * d + 16 * d) if shared else 8 * 3 * d * d + es * (d * d + _LAZY * d)
@@ -488,7 +508,7 @@ def obs_path(W: Tensor, H: Tensor, *, max_steps: int | None = None, block: int =
     if shared and c_max < R:  # active set known: size chunks by it
         n_act = int((~dead_s).sum())
         c_max = _rows_per_chunk(es * (n_act * n_act + _LAZY * n_act + 16 * d), R, max_memory)
-    Hi0 = None
+    Hi0 = buf = None
     for r0 in range(0, R, c_max):
         rows = slice(r0, min(R, r0 + c_max))
         c = rows.stop - rows.start
@@ -524,7 +544,8 @@ def obs_path(W: Tensor, H: Tensor, *, max_steps: int | None = None, block: int =
                 if Hi0 is None:   # a_idx is a subset of the live inputs
                     sub = torch.searchsorted(live_s, a_idx)
                     Hi0 = (Hinv_live[sub][:, sub] * sigma_s).to(cdt)
-                Hi = Hi0[None].expand(c, n, n).clone()
+                    buf = Hi0.new_empty(c, n, n)          # reused by every chunk (no re-faulting)
+                Hi = buf[:c].copy_(Hi0.expand(c, n, n))
             else:
                 Hi = (Hinv_c[:, a_idx][:, :, a_idx] * sigma[:, None, None]).to(cdt)
             w = W[rows][:, a_idx].to(cdt).clone()
@@ -536,7 +557,7 @@ def obs_path(W: Tensor, H: Tensor, *, max_steps: int | None = None, block: int =
                 nm_state = (gid_all[a_idx][None].expand(c, n).contiguous(), cnt0[None].repeat(c, 1), cap)
             lz = _Lazy(Hi, _LAZY)
             del Hi
-            with _threads(1, dev):
+            with _threads(_STEP_THREADS, dev):
                 if block == 1:
                     q, e, dq, _ = _greedy(lz, w, pen, idx, steps, nm=nm_state, bar=bar)
                 else:
@@ -631,6 +652,7 @@ def solve_on_support(W: Tensor, H: Tensor, keep_mask: Tensor, damp: float = 0.01
     shared = H.dim() == 2
     nS = keep.sum(1)
     useS = nS <= d - nS
+    Hd = L = None
     # rows grouped by form and sorted by system size so padding stays small
     for form in (True, False):
         sel = torch.nonzero(useS == form)[:, 0]
@@ -642,9 +664,9 @@ def solve_on_support(W: Tensor, H: Tensor, keep_mask: Tensor, damp: float = 0.01
         if bool(((nS[sel] == 0) if form else (nS[sel] == d)).all()):
             continue  # nothing kept (already 0) / nothing pruned (already w0)
         if shared:
-            Hd, L, _ = _damped(H.to(dev), damp)
+            if Hd is None:
+                Hd, L, _ = _damped(H.to(dev), damp)
             M = Hd if form else _chol_inverse(L)
-            del L
         i = 0
         while i < sel.numel():
             def per_row(m):
@@ -745,8 +767,8 @@ def _hinv_upper(Lf: Tensor) -> Tensor:
     H^-1 = (J Lf^-1 J)^T (J Lf^-1 J) and J Lf^-1 J is upper triangular. Row i of U holds the
     error-spreading coefficients of column i once columns < i are fixed (GPTQ's form of the OBS
     downdates); one triangular inverse, no explicit H^-1."""
-    eye = torch.eye(Lf.shape[-1], dtype=Lf.dtype, device=Lf.device)
-    return torch.linalg.solve_triangular(Lf, eye, upper=False).flip(0, 1)
+    Li = torch.eye(Lf.shape[-1], dtype=Lf.dtype, device=Lf.device)
+    return torch.linalg.solve_triangular(Lf, Li, upper=False, out=Li).flip(0, 1)
 
 
 def _sweep(w: Tensor, Uc: Tensor, blocksize: int, target):
@@ -949,14 +971,15 @@ def quantize_obq(W: Tensor, H: Tensor, grid: Grid, *, keep_mask: Tensor | None =
             del L
             c_max = _rows_per_chunk(es * (n * n + _LAZY * n + 16 * n), R, max_memory)
             bar = _progress(progress, R * n, "OBQ")
+            buf = Hinv.new_empty(min(c_max, R), n, n)
             for r0 in range(0, R, c_max):
                 rows = slice(r0, min(R, r0 + c_max))
                 c = rows.stop - r0
-                lz = _Lazy(Hinv[None].expand(c, n, n).clone(), _LAZY)
+                lz = _Lazy(buf[:c].copy_(Hinv.expand(c, n, n)), _LAZY)
                 w = w0[rows][:, a].clone()
                 pen = torch.zeros_like(w)
                 idx = a[None].expand(c, n).contiguous()
-                with _threads(1, dev):
+                with _threads(_STEP_THREADS, dev):
                     q, _, _, t = _greedy(lz, w, pen, idx, n, quant=(sc_all[rows, None], qmin, qmax), bar=bar)
                 del lz
                 o = out[rows]
@@ -1002,7 +1025,7 @@ def quantize_obq(W: Tensor, H: Tensor, grid: Grid, *, keep_mask: Tensor | None =
         idx = torch.where(valid, pos, torch.full_like(pos, d))
         lz = _Lazy(Hi, _LAZY)
         del Hi
-        with _threads(1, dev):
+        with _threads(_STEP_THREADS, dev):
             q, _, _, t = _greedy(lz, w, pen, idx, m, quant=(sc_all[rr, None], qmin, qmax), bar=bar)
         del lz
         o = torch.cat([out[rr], out.new_zeros(len(rr), 1)], 1)
