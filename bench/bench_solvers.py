@@ -18,6 +18,7 @@ linearly (rows are independent); such rows are marked "~".
   python bench/bench_solvers.py                         # default shapes and solvers
   python bench/bench_solvers.py --shapes 256x2312 --solvers exact,sparsegpt --json out.json
   python bench/bench_solvers.py --quick                 # bounded: subsets for the slow cases
+  python bench/bench_solvers.py --ablate 256x2312       # exact path, one chunk, each optimisation off
 """
 from __future__ import annotations
 
@@ -130,6 +131,42 @@ def run_case(shape: str, solver: str, args) -> dict:
                 threads=torch.get_num_threads(), note=note)
 
 
+ABLATIONS = [  # (name, solver module settings, max_steps beyond the dead prefix or None)
+    ("current", {}, None),
+    ("step ops on all threads", {"_STEP_THREADS": None}, None),
+    ("plain row argmin", {"_BLOCK_ARGMIN": False}, None),
+    ("fixed lazy batch B=128", {"_UCACHE": 1 << 50}, None),
+    ("no window compaction", {"_COMPACT": False}, None),
+    ("current, first 300 greedy steps", {}, 300),
+    ("no lazy batch (B=1), 300 steps", {"_LAZY": 1}, 300),
+]
+
+
+def ablate(shape: str, args):
+    """The exact path on the first chunk of rows of ``shape`` with each optimisation switched off."""
+    import torch
+    from osbc import solvers as S
+    R, d = map(int, shape.split("x"))
+    H = spike_hessian(d, N=args.samples, T=args.steps, dead_frac=args.dead)
+    n = int((H.diagonal() > 0).sum())
+    c = S._rows_per_chunk(4 * (n * n + S._LAZY * n + 16 * d), R, args.max_memory)
+    W = torch.randn(R, d, generator=torch.Generator().manual_seed(1))[:c] * 0.05
+    S.obs_path(W[:2], H, max_steps=d - n + 50)
+    print(f"{shape}: exact path of one chunk ({c} rows, {n} live inputs); x{R / c:.1f} for the layer")
+    for name, sets, steps in ABLATIONS:
+        old = {k: getattr(S, k) for k in sets}
+        for k, v in sets.items():
+            setattr(S, k, v)
+        S._FLOPS[0] = 0
+        try:
+            ts = [_timed(lambda: S.obs_path(W, H, max_steps=None if steps is None else d - n + steps,
+                                            max_memory=args.max_memory)) for _ in range(args.repeat)]
+        finally:
+            for k, v in old.items():
+                setattr(S, k, v)
+        print(f"  {name:34s} {min(ts):8.2f} s   executed {S._FLOPS[0] / len(ts) / 1e9:7.1f} GFLOP", flush=True)
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--shapes", default=",".join(SHAPES), help="comma list of RxD")
@@ -145,6 +182,7 @@ def main(argv=None):
     ap.add_argument("--repeat", type=int, default=1, help="runs per case (the fastest is reported)")
     ap.add_argument("--json", help="write the results here")
     ap.add_argument("--no-subprocess", action="store_true", help="run cases in this process (rss less meaningful)")
+    ap.add_argument("--ablate", metavar="SHAPE", help="time the exact path's optimisations one by one")
     ap.add_argument("--case", nargs=2, metavar=("SHAPE", "SOLVER"), help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "src"))
@@ -153,6 +191,10 @@ def main(argv=None):
         return
     import torch
     peak = matmul_peak()
+    if args.ablate:
+        print(f"float32 matmul 2048^3: {peak:.0f} GFLOP/s; load {os.getloadavg()[0]:.1f}")
+        ablate(args.ablate, args)
+        return
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; float32 matmul 2048^3: {peak:.0f} GFLOP/s")
     results = []
     for shape in args.shapes.split(","):

@@ -343,11 +343,15 @@ def test_nm_pattern(nm):
     W = torch.randn(R, d)
     for keep in (S.prune_exact(W, H, None, nm=nm)[1], S.prune_exact(W, H, None, nm=nm, block=3)[1],
                  S.prune_sparsegpt(W, H, None, nm=nm, blocksize=8)[1], S.prune_magnitude(W, None, nm=nm)[1],
-                 S.prune_exact(W, H, 0.3, nm=nm)[1]):
+                 S.prune_exact(W, H, 0.3, nm=nm)[1], S.prune_sparsegpt(W, H, 0.3, nm=nm, blocksize=8)[1],
+                 S.prune_magnitude(W, 0.3, nm=nm)[1]):
         pad = torch.ones(R, (d + m - 1) // m * m, dtype=torch.bool)
         pad[:, :d] = keep
         removed = (~pad).view(R, -1, m).sum(2)
         assert (removed <= m - n).all()
+    for keep in (S.prune_exact(W, H, 0.3, nm=nm)[1], S.prune_sparsegpt(W, H, 0.3, nm=nm)[1],
+                 S.prune_magnitude(W, 0.3, nm=nm)[1]):
+        assert int((~keep).sum()) == round(0.3 * R * d)
     full = S.prune_exact(W, H, None, nm=nm)[1]
     sizes = [min(m, d - g) for g in range(0, d, m)]
     assert int((~full).sum()) == R * sum(min(m - n, s) for s in sizes)
@@ -523,8 +527,10 @@ def test_gptq_equals_plain():
     ref = np_gptq(W.numpy(), H.numpy(), g.scale.double().numpy(), g.qmin, g.qmax)
     np.testing.assert_allclose(got.numpy(), ref, atol=1e-9)
     # the factor of H^-1 from the reversed Cholesky
-    Hd, Lf, _ = S._damped(H, 0.01, flip=True)
-    np.testing.assert_allclose(S._hinv_upper(Lf).numpy(), np.linalg.cholesky(np.linalg.inv(Hd.numpy())).T,
+    _, Lf, dead = S._damped(H, 0.01, flip=True)
+    Hd, dead_np = np_damped(H.numpy())
+    assert dead.tolist() == dead_np.tolist()
+    np.testing.assert_allclose(S._hinv_upper(Lf).numpy(), np.linalg.cholesky(np.linalg.inv(Hd)).T,
                                rtol=1e-9, atol=1e-12)
 
 

@@ -72,11 +72,12 @@ def _damped(H: Tensor, damp: float, flip: bool = False):
 
     Dead inputs get a unit diagonal and no coupling, so removing them costs nothing and touches no
     other weight. lambda = damp * mean of the live diagonal (scale-free); Cholesky failures retry
-    with 10x more damping, then fall back to an eigenvalue floor. ``flip=True`` factors the
-    reversed matrix J H J instead (what the column sweeps need). In place where possible: a layer's
-    H can be large."""
+    with 10x more damping, then fall back to an eigenvalue floor. ``flip=True`` works on the
+    reversed matrix J H J (what the column sweeps factor; the returned H_damped is then reversed
+    too, dead is not). In place where possible: a layer's H can be large."""
     batched = H.dim() == 3
-    H = H.detach().to(torch.float64, copy=True)
+    H = H.detach()
+    H = H.flip(-2, -1).to(torch.float64) if flip else H.to(torch.float64, copy=True)
     if not batched:
         H = H[None]
     torch.nan_to_num_(H, nan=0.0, posinf=0.0, neginf=0.0)
@@ -93,8 +94,7 @@ def _damped(H: Tensor, damp: float, flip: bool = False):
     lam = mean * damp if damp > 0 else torch.zeros_like(mean)
     diag.add_(lam[:, None])                                  # H is now the damped matrix
 
-    def chol(M):
-        return torch.linalg.cholesky_ex(M.flip(-2, -1) if flip else M)
+    chol = torch.linalg.cholesky_ex
     L, info = chol(H)
     for _ in range(_RETRIES):
         bad = info != 0
@@ -116,6 +116,8 @@ def _damped(H: Tensor, damp: float, flip: bool = False):
         if bool(bad.any()):
             H[bad] = torch.diag_embed(H[bad].diagonal(dim1=1, dim2=2).abs() + mean[bad, None])
             L[bad] = chol(H[bad])[0]
+    if flip:
+        dead = dead.flip(-1)
     if not batched:
         return H[0], L[0], dead[0]
     return H, L, dead
@@ -825,7 +827,7 @@ def prune_sparsegpt(W: Tensor, H: Tensor, sparsity, *, nm=None, blocksize: int =
     R, d = W.shape
     dev, cdt = W.device, _cdtype(W)
     k = _budget(sparsity, R, d, nm)
-    Hd, Lf, dead = _damped(H.to(dev), damp, flip=True)
+    _, Lf, dead = _damped(H.to(dev), damp, flip=True)
     w = W.detach().to(cdt).clone()
     prune = torch.zeros(R, d, dtype=torch.bool, device=dev)
     if nm is None:
@@ -838,8 +840,10 @@ def prune_sparsegpt(W: Tensor, H: Tensor, sparsity, *, nm=None, blocksize: int =
         a = torch.nonzero(~dead)[:, 0]
         # dead inputs are decoupled: the live block of the factor is the live block's factor
         fa = (d - 1 - a).flip(0)
-        Uc = _hinv_upper(Lf[fa][:, fa]).to(cdt)
-        del Hd, Lf
+        if fa.numel() < d:
+            Lf = Lf[fa][:, fa]
+        Uc = _hinv_upper(Lf).to(cdt)
+        del Lf
         wa = w[:, a].contiguous()
         da = int(a.numel())
         bounds = list(range(0, da, blocksize))
@@ -862,7 +866,7 @@ def prune_sparsegpt(W: Tensor, H: Tensor, sparsity, *, nm=None, blocksize: int =
         sizes = [min(m, d - g * m) for g in range(G)]
         quota = _quotas(k, [R * min(cap, s_) for s_ in sizes])
         Uc = _hinv_upper(Lf).to(cdt)
-        del Hd, Lf
+        del Lf
         dg = Uc.diagonal()
 
         def target(i, W1, U1, il):
@@ -873,7 +877,9 @@ def prune_sparsegpt(W: Tensor, H: Tensor, sparsity, *, nm=None, blocksize: int =
                 sc = sc.masked_fill(dead[i:i + sizes[g]], -float("inf"))
                 cand = torch.zeros_like(sc, dtype=torch.bool).scatter_(
                     1, torch.sort(sc, dim=1, stable=True).indices[:, :min(cap, sizes[g])], True)
-                prune[:, i:i + sizes[g]] = _smallest_mask(sc.masked_fill(~cand, float("inf")), quota[g])
+                if quota[g] < R * min(cap, sizes[g]):   # a partial pattern: the cheapest candidates
+                    cand = _smallest_mask(sc.masked_fill(~cand, float("inf")), quota[g])
+                prune[:, i:i + sizes[g]] = cand
             return W1[:, il] * ~prune[:, i]
         _sweep(w, Uc, bs, target)
     w.masked_fill_(prune, 0.0)
