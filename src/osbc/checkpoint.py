@@ -17,41 +17,18 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from pathlib import Path
 
 import torch
 from torch import nn
 
 from . import models as _models
+from .atomic import atomic_write  # re-exported: the CLI and plot write through it
 
 __all__ = ["save", "load", "read_meta", "atomic_write", "FORMAT", "VERSION"]
 
 FORMAT = "osbc-checkpoint"
 VERSION = "1"
-
-
-def atomic_write(path: str | os.PathLike, write) -> Path:
-    """Call ``write(tmp_name)`` on a temporary file beside ``path`` and rename it into place: the
-    file appears complete or not at all (the temporary is removed on any failure). The result
-    gets the usual permissions (0666 minus the umask)."""
-    path = Path(path)
-    parent = path.parent if str(path.parent) else Path(".")
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=str(parent))
-    os.close(fd)
-    try:
-        write(tmp)
-        mask = os.umask(0)
-        os.umask(mask)
-        os.chmod(tmp, 0o666 & ~mask)
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
-    return path
 
 
 def _storage():

@@ -37,7 +37,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import tempfile
 from pathlib import Path
 from typing import Callable
 
@@ -382,18 +381,9 @@ def save_compressed(model: nn.Module | dict, path: str | os.PathLike, metadata: 
         state, keys = model, None
     tensors, meta = encode_state_dict(state, keys)
     header = {"format": FORMAT, "osbc": json.dumps(meta), "user": json.dumps(metadata or {})}
-    directory = path.parent if str(path.parent) else Path(".")
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=directory)
-    os.close(fd)
-    try:
-        save_file(tensors, tmp, metadata=header)
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
+    from .atomic import atomic_write
+
+    atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=header))
     return path
 
 

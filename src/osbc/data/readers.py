@@ -15,12 +15,12 @@ from __future__ import annotations
 
 import os
 import struct
-import tempfile
 import warnings
-from pathlib import Path
 from typing import Callable, Literal, Union
 
 import numpy as np
+
+from ..atomic import atomic_write
 
 __all__ = [
     "EVENT_DTYPE",
@@ -94,19 +94,12 @@ def _problem(name: str, offset: int | None, problem: str, on_error: OnError) -> 
 
 
 def _atomic_write(path: str | os.PathLike, chunks: list[bytes]) -> None:
-    # A reader running in parallel (another DataLoader worker, a second process building the same
-    # cache) must never see half a file: write beside the target, then rename over it.
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
+    def write(tmp: str) -> None:
+        with open(tmp, "wb") as f:
             for c in chunks:
                 f.write(c)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+
+    atomic_write(path, write)
 
 
 def _as_events(events: np.ndarray, fmt: str) -> np.ndarray:
