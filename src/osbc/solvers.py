@@ -18,6 +18,8 @@ weights go. H^-1 is normalised to mean(diag H) = 1, which keeps float32 well ins
 from __future__ import annotations
 
 import math
+import queue
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import torch
@@ -32,9 +34,11 @@ __all__ = ["damp_inverse", "PrunePath", "obs_path", "budget_counts", "solve_on_s
 DEFAULT_MAX_MEMORY = 512 * 2 ** 20
 _LAZY = 128          # most steps between batched downdates
 _UCACHE = 32 * 2 ** 20   # the pending low-rank term is re-read every step: keep it about cache-sized
+_PANEL = 128         # row panel of the lower-triangle flush
 _FLOOR = 1e-12       # floor of diag(H^-1) (normalised; the true minimum is ~1/d)
 _RETRIES = 6
 _STEP_THREADS = 1    # intra-op threads for the per-step vector work (None: leave as is)
+_WORKERS = 4         # most row chunks solved concurrently on CPU (1: one at a time, on all threads)
 _BLOCK_ARGMIN = True
 _COMPACT = True      # shrink the active window after each flush (False only for benchmarks)
 _FLOPS = [0]         # executed H^-1 update flops of the greedy engines (read by bench/bench_solvers.py)
@@ -141,6 +145,59 @@ def _rows_per_chunk(bytes_per_row: float, R: int, max_memory: int) -> int:
     return int(max(1, min(R, max_memory // max(1.0, bytes_per_row))))
 
 
+def _workers(device) -> int:
+    """Row chunks solved at once: on CPU one per intra-op thread (at most ``_WORKERS``)."""
+    if torch.device(device).type != "cpu":
+        return 1
+    return max(1, min(_WORKERS, torch.get_num_threads()))
+
+
+def _step_threads(workers: int, device):
+    """Threads for the greedy's per-step work: _STEP_THREADS when one chunk runs at a time; each
+    worker already runs on its own share."""
+    return _threads(_STEP_THREADS if workers == 1 else None, device)
+
+
+def _pooled(pool: queue.SimpleQueue, make):
+    """A buffer from ``pool`` (put it back when done), or a new one: one per worker, reused by its
+    chunks, which saves re-faulting hundreds of MB per chunk."""
+    try:
+        return pool.get_nowait()
+    except queue.Empty:
+        return make()
+
+
+def _chunks(R: int, c_max: int, workers: int) -> list[slice]:
+    """Consecutive row chunks of at most c_max rows, as equal as possible, their count a multiple
+    of ``workers`` (when there are enough rows) so the workers finish together."""
+    k = -(-R // max(1, c_max))
+    k = min(R, -(-k // workers) * workers)
+    c = -(-R // k)
+    return [slice(r, min(R, r + c)) for r in range(0, R, c)]
+
+
+def _map(fn, items: list, workers: int):
+    """fn(item) for every item; with several workers, in that many threads, each with its share of
+    the intra-op threads. The greedy's per-step ops are small and barely speed up with threads, and
+    its products are memory-bound, so independent chunks, one per core, beat one chunk on all cores
+    (about 20% on 2 cores)."""
+    workers = min(workers, len(items))
+    if workers <= 1:
+        for it in items:
+            fn(it)
+        return
+    each = max(1, torch.get_num_threads() // workers)
+
+    def run(it):
+        if torch.get_num_threads() != each:    # per thread: the caller's setting is not touched
+            torch.set_num_threads(each)
+        fn(it)
+
+    with ThreadPoolExecutor(workers, thread_name_prefix="osbc-solver") as ex:
+        for _ in ex.map(run, items):
+            pass
+
+
 # ---- the greedy engine ----------------------------------------------------------------------------
 
 class _threads:
@@ -167,23 +224,32 @@ class _Lazy:
     """Per-row H^-1 of a chunk's active inputs with lazy rank-k downdates: the current H^-1 is
     Hi - U[:j]^T U[:j], Hi being the leading n x n window of a fixed [c, n0, n0] buffer.
 
-    After each flush the surviving positions are moved to the front of the window by swapping
-    them with the removed ones there (O(B n) per row, not a full O(n^2) copy) and the window
-    shrinks, so the products only ever touch surviving weights."""
+    With ``base`` ([n, n], the H^-1 every row starts from) the buffer starts uninitialised and the
+    first flush writes base - U^T U into it: one pass over the big buffer instead of a copy and an
+    update, and the first batch reads its rows from the one shared (cached) matrix.
 
-    def __init__(self, Hi: Tensor, lazy: int):
-        c, n, _ = Hi.shape
-        self.buf, self.Ubuf = Hi, Hi.new_empty(c, lazy, n)
+    A flush updates the lower triangle panel by panel (half the flops of the full product) and
+    mirrors each panel to the upper triangle while it is still in cache. After each flush the surviving positions are moved to the front of
+    the window by swapping them with the removed ones there (O(B n) per row, not a full O(n^2) copy)
+    and the window shrinks, so the products only ever touch surviving weights."""
+
+    def __init__(self, buf: Tensor, lazy: int, base: Tensor | None = None, ucache: int = _UCACHE):
+        c, n, _ = buf.shape
+        self.buf, self.base, self.ucache = buf, base, ucache
+        self.Ubuf = buf.new_empty(c, lazy, n)
         self.c, self.n, self.j, self.lazy = c, n, 0, lazy
-        self.ar = torch.arange(c, device=Hi.device)
-        self.nthreads = torch.get_num_threads()     # for the products; steps run on one thread
+        self.ar = torch.arange(c, device=buf.device)
+        self.nthreads = torch.get_num_threads()     # for the products; steps may run on fewer
         self.resize()
 
     def resize(self):
         """Lazy batch B: as long as possible (fewer, more efficient products) while the pending
         term U [c, B, n], read at every step, stays about cache-sized; grows as the window shrinks."""
-        fit = _UCACHE / (self.buf.element_size() * self.c * max(self.n, 1))
+        fit = self.ucache / (self.buf.element_size() * self.c * max(self.n, 1))
         self.B = min(self.lazy, max(16, 2 ** int(math.log2(max(fit, 1)))))
+        n0 = self.buf.shape[1]
+        self.flat = self.buf.view(-1, n0)[:, :self.n]      # row r*n0 + i = row i of row r's H^-1
+        self.ar_n0 = self.ar * n0
 
     @property
     def Hi(self) -> Tensor:
@@ -193,14 +259,14 @@ class _Lazy:
         """Current H^-1 rows q: [c] -> [c, n]; [c, k] -> [c, k, n]."""
         n, j = self.n, self.j
         _FLOPS[0] += 2 * self.c * j * n * (1 if q.dim() == 1 else q.shape[1])
-        if q.dim() == 1:   # row gather as index_select on the flat [c n0, n0] view: a memcpy per row
-            n0 = self.buf.shape[1]
-            r = self.buf.view(-1, n0)[:, :n].index_select(0, self.ar * n0 + q)
+        if q.dim() == 1:   # row gather as index_select on the flat view: a memcpy per row
+            r = self.base.index_select(0, q) if self.base is not None else \
+                self.flat.index_select(0, self.ar_n0 + q)
             if j:
                 uq = self.Ubuf[self.ar, :j, q]
-                r = torch.baddbmm(r[:, None], uq[:, None], self.Ubuf[:, :j, :n], alpha=-1)[:, 0]
+                r = r[:, None].baddbmm_(uq[:, None], self.Ubuf[:, :j, :n], alpha=-1)[:, 0]
             return r
-        r = self.buf[self.ar[:, None], q, :n]
+        r = self.base[q] if self.base is not None else self.buf[self.ar[:, None], q, :n]
         if j:
             U = self.Ubuf[:, :j, :n]
             r = torch.baddbmm(r, U.gather(2, q[:, None, :].expand(-1, j, -1)).mT, U, alpha=-1)
@@ -216,21 +282,39 @@ class _Lazy:
         return u
 
     def flush(self):
-        if self.j:
-            U = self.Ubuf[:, :self.j, :self.n]
-            _FLOPS[0] += 2 * self.c * self.n * self.n * self.j
-            with _threads(self.nthreads, U.device):
-                self.Hi.baddbmm_(U.mT, U, alpha=-1)
-            self.j = 0
+        base = self.base
+        if not self.j and base is None:
+            return
+        n, j, P = self.n, self.j, _PANEL
+        U = self.Ubuf[:, :j, :n]
+        Hi = self.Hi
+        _FLOPS[0] += self.c * n * (n + P) * j
+        with _threads(self.nthreads, U.device):
+            for r in range(self.c):
+                Ur, Hr = U[r], Hi[r]
+                for p0 in range(0, n, P):
+                    p1 = min(n, p0 + P)
+                    if base is None:
+                        Hr[p0:p1, :p1].addmm_(Ur[:, p0:p1].mT, Ur[:, :p1], alpha=-1)
+                    else:
+                        torch.addmm(base[p0:p1, :p1], Ur[:, p0:p1].mT, Ur[:, :p1], alpha=-1, out=Hr[p0:p1, :p1])
+                    if p0:   # mirror while the panel is in cache (a later pass would re-read it)
+                        Hr[:p0, p0:p1].copy_(Hr[p0:p1, :p0].T)
+        self.base = None
+        self.j = 0
 
     def diag(self) -> Tensor:
+        if self.base is not None:
+            return self.base.diagonal().clamp_min(_FLOOR).expand(self.c, -1).clone()
         return self.Hi.diagonal(dim1=1, dim2=2).clamp_min(_FLOOR)
 
     def compact(self, active: Tensor, *vecs: Tensor):
-        """Flush, move the active positions ([c, n] mask) into the first m = max count, shrink the
-        window to m; the per-position vectors ``vecs`` get the same moves. Returns them."""
-        self.flush()
-        n = self.n
+        """Move the active positions ([c, n] mask) into the first m = max count, shrink the window
+        to m, then flush (the pending terms move along, so the product skips the removed positions);
+        the per-position vectors ``vecs`` get the same moves. Returns them."""
+        if self.base is not None:      # shared by every row: materialise before moving anything
+            self.flush()
+        n, j = self.n, self.j
         m = max(int(active.sum(1).max()), 1)
         lo = torch.arange(n, device=active.device) < m
         holes, late = ~active & lo, active & ~lo
@@ -244,18 +328,20 @@ class _Lazy:
             b = torch.where(ok, b, n - 1)
             V = self.Hi
             ar = self.ar[:, None]
-            V[ar, a] = V[ar, b]                                     # rows
-            # columns: by symmetry the moved rows, transposed (contiguous reads, one row at a time),
-            # once their own entries at the moved columns are fixed (a K x K block)
-            src = V[ar, a]
-            Ka = a[:, None].expand(-1, K, -1)
-            src.scatter_(2, Ka, src.gather(2, b[:, None].expand(-1, K, -1)))
+            src = V[ar, b]                                          # the moved rows
+            src.scatter_(2, a[:, None].expand(-1, K, -1), src.gather(2, b[:, None].expand(-1, K, -1)))
+            V[ar, a] = src
+            # columns: by symmetry the moved rows, transposed (contiguous reads, one row at a time)
             src = src[:, :, :m]
             with _threads(self.nthreads, V.device):
                 for r in range(self.c):
                     V[r, :m].index_copy_(1, a[r], src[r].T)
+            if j:
+                U = self.Ubuf[:, :j, :n]
+                U.scatter_(2, a[:, None].expand(-1, j, -1), U.gather(2, b[:, None].expand(-1, j, -1)))
             vecs = tuple(v.scatter(1, a, v.gather(1, b)) for v in vecs)
         self.n = m
+        self.flush()
         self.resize()
         return tuple(v[:, :m] for v in vecs)
 
@@ -494,28 +580,49 @@ def obs_path(W: Tensor, H: Tensor, *, max_steps: int | None = None, block: int =
     loss = torch.zeros(R, S, dtype=torch.float64, device=dev)
     if S == 0 or R == 0:
         return PrunePath(order, loss)
+
+    def split(dead_common: Tensor):
+        """Inputs removed up front (dead in every row of the chunk: outside the greedy), the active
+        ones, and (N:M) each group's removals so far."""
+        if nm is None:
+            return dead_common, ~dead_common, None
+        # dead inputs count against their group's allowance: the first `cap` of each group go
+        rank = torch.cumsum(dead_common.to(torch.int64), 0) - 1
+        first = torch.zeros(G, dtype=torch.int64, device=dev).scatter_reduce_(
+            0, gid_all, torch.where(dead_common, rank, torch.full_like(rank, 1 << 40)), "amin", include_self=False)
+        pre = dead_common & ((rank - first[gid_all]) < cap)
+        cnt0 = torch.bincount(gid_all[pre], minlength=G)
+        return pre, ~pre & (cnt0 < cap)[gid_all], cnt0
+
+    es = torch.finfo(cdt).bits // 8
+    workers = _workers(dev)
     if shared:
         Hd, L, dead_s = _damped(H.to(dev), damp)
-        live_s = torch.nonzero(~dead_s)[:, 0]
-        sigma_s = Hd.diagonal()[live_s].mean() if live_s.numel() else Hd.new_tensor(1.0)
+        sigma_s = Hd.diagonal()[~dead_s].mean() if bool((~dead_s).any()) else Hd.new_tensor(1.0)
         del Hd
-        # dead inputs are decoupled, so the live block of L is the Cholesky factor of the live block
-        L = L[live_s][:, live_s] if live_s.numel() < d else L
-        Hinv_live = _chol_inverse(L) if live_s.numel() else None
+        pre_s, act_s, cnt0_s = split(dead_s)
+        a_s = torch.nonzero(act_s)[:, 0]
+        n_s = int(a_s.numel())
+        Hi0 = None
+        if n_s:
+            # dead inputs are decoupled, so the live block of L is the Cholesky factor of the live
+            # block of H; inputs kept by a full N:M group still compensate: H^-1 of all live ones
+            live_s = torch.nonzero(~dead_s)[:, 0]
+            sub = torch.searchsorted(live_s, a_s)
+            Hi0 = (_chol_inverse(L[live_s][:, live_s])[sub][:, sub] * sigma_s).to(cdt)
         del L
+        per_row = es * (n_s * n_s + _LAZY * n_s + 16 * d)
+    else:
+        per_row = 8 * 3 * d * d + es * (d * d + _LAZY * d)
+    chunks = _chunks(R, _rows_per_chunk(per_row, R, max_memory // workers), workers)
     bar = _progress(progress, R * S, "OBS path")
-    es = torch.finfo(cdt).bits // 8
-    per_row = es * (d * d + _LAZY * d + 16 * d) if shared else 8 * 3 * d * d + es * (d * d + _LAZY * d)
-    c_max = _rows_per_chunk(per_row, R, max_memory)
-    if shared and c_max < R:  # active set known: size chunks by it
-        n_act = int((~dead_s).sum())
-        c_max = _rows_per_chunk(es * (n_act * n_act + _LAZY * n_act + 16 * d), R, max_memory)
-    Hi0 = buf = None
-    for r0 in range(0, R, c_max):
-        rows = slice(r0, min(R, r0 + c_max))
+    bufs = queue.SimpleQueue()       # one H^-1 buffer per worker, reused (no re-faulting)
+
+    def solve(rows: slice):
         c = rows.stop - rows.start
         if shared:
             dead, sigma = dead_s[None].expand(c, d), sigma_s.reshape(1)
+            pre, act, cnt0, a_idx = pre_s, act_s, cnt0_s, a_s
         else:
             Hd_c, L_c, dead = _damped(H[rows].to(dev), damp)
             Hinv_c = _chol_inverse(L_c)
@@ -523,33 +630,20 @@ def obs_path(W: Tensor, H: Tensor, *, max_steps: int | None = None, block: int =
             sigma = (Hd_c.diagonal(dim1=1, dim2=2) * live).sum(1) / live.sum(1).clamp_min(1)
             sigma = torch.where(sigma > 0, sigma, torch.ones_like(sigma))
             del Hd_c, L_c
-        common = dead.all(0)                       # removed up front, outside the greedy
-        if nm is not None:
-            # dead inputs count against their group's allowance: the first `cap` of each group go
-            rank = torch.cumsum(common.to(torch.int64), 0) - 1
-            first = torch.zeros(G, dtype=torch.int64, device=dev).scatter_reduce_(
-                0, gid_all, torch.where(common, rank, torch.full_like(rank, 1 << 40)), "amin", include_self=False)
-            pre = common & ((rank - first[gid_all]) < cap)
-            cnt0 = torch.bincount(gid_all[pre], minlength=G)
-            act = ~pre & (cnt0 < cap)[gid_all]
-        else:
-            pre = common
-            act = ~common
+            pre, act, cnt0 = split(dead.all(0))
+            a_idx = torch.nonzero(act)[:, 0]
         pre_idx = torch.nonzero(pre)[:, 0]
         plen = min(int(pre_idx.numel()), S)
         order[rows, :plen] = pre_idx[:plen]
         steps = S - plen
         if steps > 0:
-            a_idx = torch.nonzero(act)[:, 0]
             n = int(a_idx.numel())
             if shared:
-                if Hi0 is None:   # a_idx is a subset of the live inputs
-                    sub = torch.searchsorted(live_s, a_idx)
-                    Hi0 = (Hinv_live[sub][:, sub] * sigma_s).to(cdt)
-                    buf = Hi0.new_empty(c, n, n)          # reused by every chunk (no re-faulting)
-                Hi = buf[:c].copy_(Hi0.expand(c, n, n))
+                buf = _pooled(bufs, lambda: Hi0.new_empty(chunks[0].stop, n, n))
+                lz = _Lazy(buf[:c], _LAZY, base=Hi0, ucache=_UCACHE // workers)
             else:
-                Hi = (Hinv_c[:, a_idx][:, :, a_idx] * sigma[:, None, None]).to(cdt)
+                lz = _Lazy((Hinv_c[:, a_idx][:, :, a_idx] * sigma[:, None, None]).to(cdt), _LAZY,
+                           ucache=_UCACHE // workers)
             w = W[rows][:, a_idx].to(cdt).clone()
             forced = dead[:, a_idx]
             pen = torch.zeros(c, n, dtype=cdt, device=dev).masked_fill_(forced, -float("inf"))
@@ -557,20 +651,22 @@ def obs_path(W: Tensor, H: Tensor, *, max_steps: int | None = None, block: int =
             nm_state = None
             if nm is not None:
                 nm_state = (gid_all[a_idx][None].expand(c, n).contiguous(), cnt0[None].repeat(c, 1), cap)
-            lz = _Lazy(Hi, _LAZY)
-            del Hi
-            with _threads(_STEP_THREADS, dev):
+            with _step_threads(workers, dev):
                 if block == 1:
                     q, e, dq, _ = _greedy(lz, w, pen, idx, steps, nm=nm_state, bar=bar)
                 else:
                     q, e, dq = _greedy_block(lz, w, pen, idx, steps, block, nm=nm_state, bar=bar)
             del lz
+            if shared:
+                bufs.put(buf)
             lo = e.double() ** 2 / (2 * dq.double()) * sigma.to(dev)[:, None]
             lo = lo.masked_fill(dead[torch.arange(c, device=dev)[:, None], q], 0.0)
             order[rows, plen:] = q
             loss[rows, plen:] = lo
         if bar is not None:
             bar.update(c * plen)
+
+    _map(solve, chunks, workers)
     if bar is not None:
         bar.close()
     loss = torch.nan_to_num(loss, nan=0.0, posinf=torch.finfo(torch.float64).max).cummax(1).values
@@ -967,6 +1063,7 @@ def quantize_obq(W: Tensor, H: Tensor, grid: Grid, *, keep_mask: Tensor | None =
     es = torch.finfo(cdt).bits // 8
     if shared:
         Hd, L, dead_s = _damped(H.to(dev), damp)
+    workers = _workers(dev)
     if shared and (keep is None or bool(keep[:, ~dead_s].all())):
         # every row works on the same live inputs: one H^-1 for all
         a = torch.nonzero(~dead_s)[:, 0]
@@ -975,22 +1072,24 @@ def quantize_obq(W: Tensor, H: Tensor, grid: Grid, *, keep_mask: Tensor | None =
             Hinv = _chol_inverse(L[a][:, a])
             Hinv = (Hinv * Hd.diagonal()[a].mean()).to(cdt)
             del L
-            c_max = _rows_per_chunk(es * (n * n + _LAZY * n + 16 * n), R, max_memory)
+            chunks = _chunks(R, _rows_per_chunk(es * (n * n + _LAZY * n + 16 * n), R, max_memory // workers), workers)
             bar = _progress(progress, R * n, "OBQ")
-            buf = Hinv.new_empty(min(c_max, R), n, n)
-            for r0 in range(0, R, c_max):
-                rows = slice(r0, min(R, r0 + c_max))
-                c = rows.stop - r0
-                lz = _Lazy(buf[:c].copy_(Hinv.expand(c, n, n)), _LAZY)
+            bufs = queue.SimpleQueue()
+
+            def solve(rows: slice):
+                c = rows.stop - rows.start
+                buf = _pooled(bufs, lambda: Hinv.new_empty(chunks[0].stop, n, n))
+                lz = _Lazy(buf[:c], _LAZY, base=Hinv, ucache=_UCACHE // workers)
                 w = w0[rows][:, a].clone()
                 pen = torch.zeros_like(w)
                 idx = a[None].expand(c, n).contiguous()
-                with _threads(_STEP_THREADS, dev):
+                with _step_threads(workers, dev):
                     q, _, _, t = _greedy(lz, w, pen, idx, n, quant=(sc_all[rows, None], qmin, qmax), bar=bar)
                 del lz
-                o = out[rows]
-                o.scatter_(1, q, t)
-                out[rows] = o
+                bufs.put(buf)
+                out[rows] = out[rows].scatter_(1, q, t)
+
+            _map(solve, chunks, workers)
             if bar is not None:
                 bar.close()
         return _finish_q(out, grid, keep, W.dtype)
@@ -1004,18 +1103,23 @@ def quantize_obq(W: Tensor, H: Tensor, grid: Grid, *, keep_mask: Tensor | None =
     nS = supp.sum(1)
     order_rows = torch.sort(nS, stable=True).indices
     bar = _progress(progress, int(nS.sum()), "OBQ")
-    i = 0
+
+    def per_row(m):
+        return 8 * 3 * m * m + es * (m * m + _LAZY * m + 16 * m) + (0 if shared else 8 * 3 * d * d)
+
+    # rows sorted by support size, so a chunk's padding stays small; its last row bounds its size
+    chunks, i = [], 0
     while i < R:
-        def per_row(m):
-            return 8 * 3 * m * m + es * (m * m + _LAZY * m + 16 * m) + (0 if shared else 8 * 3 * d * d)
-        c0 = _rows_per_chunk(per_row(int(nS[order_rows[i]])), R - i, max_memory)
-        c = _rows_per_chunk(per_row(int(nS[order_rows[i + c0 - 1]])), R - i, max_memory)
-        rr = order_rows[i:i + c]
+        c0 = _rows_per_chunk(per_row(int(nS[order_rows[i]])), R - i, max_memory // workers)
+        c = _rows_per_chunk(per_row(int(nS[order_rows[i + c0 - 1]])), R - i, max_memory // workers)
+        chunks.append(order_rows[i:i + c])
         i += c
+
+    def solve(rr: Tensor):
         pos, valid = _padded(supp[rr])
         m = pos.shape[1]
         if int(nS[rr].max()) == 0:
-            continue
+            return
         M = Hd if shared else _damped(H[rr.to(H.device)].to(dev), damp)[0]
         A = _sym_gather(M, pos, valid)
         del M
@@ -1024,19 +1128,19 @@ def quantize_obq(W: Tensor, H: Tensor, grid: Grid, *, keep_mask: Tensor | None =
             A = A + torch.diag_embed(A.diagonal(dim1=1, dim2=2) * 1e-8)
             Lc = torch.linalg.cholesky_ex(A)[0]
         sig = (A.diagonal(dim1=1, dim2=2) * valid).sum(1) / valid.sum(1).clamp_min(1)
-        Hi = (_chol_inverse(Lc) * sig[:, None, None]).to(cdt)
+        lz = _Lazy((_chol_inverse(Lc) * sig[:, None, None]).to(cdt), _LAZY, ucache=_UCACHE // workers)
         del A, Lc
         w = w0[rr].gather(1, pos) * valid
         pen = torch.zeros_like(w).masked_fill_(~valid, 1e30)     # padding: picked last, a no-op
         idx = torch.where(valid, pos, torch.full_like(pos, d))
-        lz = _Lazy(Hi, _LAZY)
-        del Hi
-        with _threads(_STEP_THREADS, dev):
+        with _step_threads(workers, dev):
             q, _, _, t = _greedy(lz, w, pen, idx, m, quant=(sc_all[rr, None], qmin, qmax), bar=bar)
         del lz
         o = torch.cat([out[rr], out.new_zeros(len(rr), 1)], 1)
         o.scatter_(1, q, t)
         out[rr] = o[:, :d]
+
+    _map(solve, chunks, workers)
     if bar is not None:
         bar.close()
     return _finish_q(out, grid, keep, W.dtype)
