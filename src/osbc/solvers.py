@@ -272,6 +272,12 @@ class _Lazy:
             r = torch.baddbmm(r, U.gather(2, q[:, None, :].expand(-1, j, -1)).mT, U, alpha=-1)
         return r
 
+    def next_u(self) -> Tensor:
+        """The next pending row [c, n] (the caller flushes when j reaches B)."""
+        u = self.Ubuf[:, self.j, :self.n]
+        self.j += 1
+        return u
+
     def slot(self, k: int) -> Tensor:
         if self.j + k > self.B:
             self.flush()
@@ -281,9 +287,12 @@ class _Lazy:
         self.j += k
         return u
 
-    def flush(self):
+    def flush(self, moves: tuple[Tensor, Tensor] | None = None):
+        """Apply the pending downdates: Hi -= U^T U, lower triangle panel by panel, each panel then
+        mirrored while in cache. ``moves`` = (a, b) [c, K] from compact: position b's column moves
+        to a, done here panel by panel (in cache) rather than as a scattered pass over the matrix."""
         base = self.base
-        if not self.j and base is None:
+        if not self.j and base is None and moves is None:
             return
         n, j, P = self.n, self.j, _PANEL
         U = self.Ubuf[:, :j, :n]
@@ -291,13 +300,26 @@ class _Lazy:
         _FLOPS[0] += self.c * n * (n + P) * j
         with _threads(self.nthreads, U.device):
             for r in range(self.c):
-                Ur, Hr = U[r], Hi[r]
+                Ur, Hr, full = U[r], Hi[r], self.buf[r]
+                if moves is not None and base is not None:    # the moved source, in the new order
+                    perm = torch.arange(int(moves[1].max()) + 1, device=U.device)
+                    perm = perm.index_copy_(0, moves[0][r], moves[1][r])[:n]
                 for p0 in range(0, n, P):
                     p1 = min(n, p0 + P)
-                    if base is None:
-                        Hr[p0:p1, :p1].addmm_(Ur[:, p0:p1].mT, Ur[:, :p1], alpha=-1)
+                    out = Hr[p0:p1, :p1]
+                    if base is not None:
+                        src = base[p0:p1, :p1] if moves is None else \
+                            base.index_select(0, perm[p0:p1]).index_select(1, perm[:p1])
+                        if j:
+                            torch.addmm(src, Ur[:, p0:p1].mT, Ur[:, :p1], alpha=-1, out=out)
+                        else:
+                            out.copy_(src)
                     else:
-                        torch.addmm(base[p0:p1, :p1], Ur[:, p0:p1].mT, Ur[:, :p1], alpha=-1, out=Hr[p0:p1, :p1])
+                        if moves is not None:
+                            rows = full[p0:p1]
+                            rows.index_copy_(1, moves[0][r], rows.index_select(1, moves[1][r]))
+                        if j:
+                            out.addmm_(Ur[:, p0:p1].mT, Ur[:, :p1], alpha=-1)
                     if p0:   # mirror while the panel is in cache (a later pass would re-read it)
                         Hr[:p0, p0:p1].copy_(Hr[p0:p1, :p0].T)
         self.base = None
@@ -309,39 +331,34 @@ class _Lazy:
         return self.Hi.diagonal(dim1=1, dim2=2).clamp_min(_FLOOR)
 
     def compact(self, active: Tensor, *vecs: Tensor):
-        """Move the active positions ([c, n] mask) into the first m = max count, shrink the window
-        to m, then flush (the pending terms move along, so the product skips the removed positions);
-        the per-position vectors ``vecs`` get the same moves. Returns them."""
-        if self.base is not None:      # shared by every row: materialise before moving anything
-            self.flush()
+        """Move the active positions ([c, n] mask) into the first m = max count by swapping the
+        late ones (>= m) into the holes, shrink the window to m, then flush: the pending terms move
+        along, so the product skips the removed positions, and the flush moves the columns. The
+        per-position vectors ``vecs`` get the same moves. Returns them."""
         n, j = self.n, self.j
         m = max(int(active.sum(1).max()), 1)
         lo = torch.arange(n, device=active.device) < m
         holes, late = ~active & lo, active & ~lo
         nlate = late.sum(1)
         K = int(nlate.max())
+        moves = None
         if K:
             a = torch.sort((~holes).to(torch.int8), dim=1, stable=True).indices[:, :K]
             b = torch.sort((~late).to(torch.int8), dim=1, stable=True).indices[:, :K]
             ok = torch.arange(K, device=a.device)[None] < nlate[:, None]
             a = torch.where(ok, a, n - 1)            # padding: position n - 1 onto itself
             b = torch.where(ok, b, n - 1)
-            V = self.Hi
-            ar = self.ar[:, None]
-            src = V[ar, b]                                          # the moved rows
-            src.scatter_(2, a[:, None].expand(-1, K, -1), src.gather(2, b[:, None].expand(-1, K, -1)))
-            V[ar, a] = src
-            # columns: by symmetry the moved rows, transposed (contiguous reads, one row at a time)
-            src = src[:, :, :m]
-            with _threads(self.nthreads, V.device):
-                for r in range(self.c):
-                    V[r, :m].index_copy_(1, a[r], src[r].T)
+            if self.base is None:                    # rows now (whole rows), columns in the flush
+                ar = self.ar[:, None]
+                V = self.buf[:, :, :n]
+                V[ar, a] = V[ar, b]
             if j:
                 U = self.Ubuf[:, :j, :n]
                 U.scatter_(2, a[:, None].expand(-1, j, -1), U.gather(2, b[:, None].expand(-1, j, -1)))
             vecs = tuple(v.scatter(1, a, v.gather(1, b)) for v in vecs)
+            moves = (a, b)
         self.n = m
-        self.flush()
+        self.flush(moves)
         self.resize()
         return tuple(v[:, :m] for v in vecs)
 
@@ -380,21 +397,34 @@ def _greedy(lz: _Lazy, w: Tensor, pen: Tensor, idx: Tensor, steps: int, *, quant
     """One weight per step per row (OBS pruning if ``quant`` is None, else OBQ).
 
     pen [c, n]: 0 eligible, -inf forced first, +inf never, large finite = filler picked last.
-    Returns per step: original index, error e_q (w_q or w_q - quant(w_q)), [H^-1]_qq, target t_q."""
+    Returns per step: original index, error e_q (w_q or w_q - quant(w_q)), [H^-1]_qq, target t_q.
+
+    A step is a few dozen small ops on [c, n] vectors, so their count matters: per-step results are
+    collected in lists and written once per lazy batch, and pen and diag share one tensor so a
+    removal marks both with one scatter. w_q itself is left as it is: it is never read again."""
     c = w.shape[0]
+    dev = w.device
     inf = float("inf")
-    rq = torch.empty(steps, c, dtype=torch.int64, device=w.device)
-    re = torch.empty(steps, c, dtype=w.dtype, device=w.device)
+    rq = torch.empty(c, steps, dtype=torch.int64, device=dev)
+    re = torch.empty(c, steps, dtype=w.dtype, device=dev)
     rd = torch.empty_like(re)
     rt = torch.zeros_like(re) if quant is not None else None
     if quant is not None:
         sc, qmin, qmax = quant
     if nm is not None:
         gid, cnt, cap = nm
-    diag = lz.diag()
-    diag.masked_fill_(~_live(pen), 1.0)
-    told = 0
+    marks = torch.tensor([inf, 1.0], dtype=w.dtype, device=dev).view(2, 1, 1).expand(2, c, 1)
+
+    def stack(pen):
+        """[2, c, n]: pen and diag (1 where removed, so scores stay finite-free of 0/0)."""
+        pd = torch.stack([pen, lz.diag()])
+        pd[1].masked_fill_(~_live(pen), 1.0)
+        return pd
+
+    pd = stack(pen)
+    pen, diag = pd[0], pd[1]
     sb = _Scores(c, lz.n, w)
+    done, qs, es, ds, ts = 0, [], [], [], []
     for s in range(steps):
         if quant is not None:
             t = torch.round(w / sc).clamp_(qmin, qmax).mul_(sc)
@@ -402,34 +432,39 @@ def _greedy(lz: _Lazy, w: Tensor, pen: Tensor, idx: Tensor, steps: int, *, quant
         else:
             e = w
         torch.addcdiv(pen, e * e, diag, out=sb.view())
-        q = sb.argmin()
-        q1 = q[:, None]
-        col = lz.rows(q)
+        q1 = sb.argmin()[:, None]
+        col = lz.rows(q1[:, 0])
         dq = col.gather(1, q1).clamp_min_(_FLOOR)
         eq = e.gather(1, q1)
         r = dq.rsqrt()
-        u = lz.slot(1)[:, 0]
+        u = lz.next_u()
         torch.mul(col, r, out=u)
-        rq[s] = idx.gather(1, q1)[:, 0]
-        re[s] = eq[:, 0]
-        rd[s] = dq[:, 0]
-        if quant is not None:
-            rt[s] = t.gather(1, q1)[:, 0]
         w.addcmul_(u, eq * r, value=-1)           # w -= e_q / [H^-1]_qq * H^-1[:, q]
         diag.addcmul_(u, u, value=-1)
-        w.scatter_(1, q1, 0.0)
-        diag.scatter_(1, q1, 1.0)
-        pen.scatter_(1, q1, inf)
+        pd.scatter_(2, q1.expand(2, c, 1), marks)
+        qs.append(q1)
+        es.append(eq)
+        ds.append(dq)
+        if quant is not None:
+            ts.append(t.gather(1, q1))
         if nm is not None:                        # a full group's other members become ineligible
             g = gid.gather(1, q1)
             cnt.scatter_add_(1, g, torch.ones_like(g))
             full = cnt.gather(1, g) >= cap
             pen.masked_fill_((gid == g) & full, inf)
         if lz.j == lz.B or s == steps - 1:
+            sl = slice(done, s + 1)
+            rq[:, sl] = idx.gather(1, torch.cat(qs, 1))
+            re[:, sl] = torch.cat(es, 1)
+            rd[:, sl] = torch.cat(ds, 1)
+            if quant is not None:
+                rt[:, sl] = torch.cat(ts, 1)
             if bar is not None:
-                bar.update((s + 1 - told) * c)
-                told = s + 1
-            if s < steps - 1 and _COMPACT:
+                bar.update((s + 1 - done) * c)
+            done, qs, es, ds, ts = s + 1, [], [], [], []
+            if s == steps - 1:
+                break
+            if _COMPACT:
                 if nm is None:
                     w, pen, idx = lz.compact(_live(pen), w, pen, idx)
                 else:
@@ -437,9 +472,9 @@ def _greedy(lz: _Lazy, w: Tensor, pen: Tensor, idx: Tensor, steps: int, *, quant
                 sb.shrink(lz.n)
             else:
                 lz.flush()
-            diag = lz.diag()
-            diag.masked_fill_(~_live(pen), 1.0)
-    return rq.T, re.T, rd.T, (rt.T if rt is not None else None)
+            pd = stack(pen)
+            pen, diag = pd[0], pd[1]
+    return rq, re, rd, rt
 
 
 def _live(pen: Tensor) -> Tensor:
