@@ -88,7 +88,7 @@ def run_case(shape: str, solver: str, args) -> dict:
     S.prune_exact(torch.randn(8, 64), torch.eye(64), 0.5)
     S.quantize_gptq(torch.randn(8, 64), torch.eye(64), fit_grid(torch.randn(8, 64), 4))
     base_rss = _rss_mb()
-    mem = args.max_memory
+    mem = args.max_memory or S.DEFAULT_MAX_MEMORY
     rows = R
     note = ""
     if solver in EXACT and args.quick and R * (2 * n_live ** 3 / 3) / 1.5e11 > args.budget:
@@ -133,7 +133,8 @@ def run_case(shape: str, solver: str, args) -> dict:
 
 ABLATIONS = [  # (name, solver module settings, max_steps beyond the dead prefix or None)
     ("current", {}, None),
-    ("step ops on all threads", {"_STEP_THREADS": None}, None),
+    ("one chunk at a time, on all threads", {"_WORKERS": 1}, None),
+    ("full-matrix flush (no symmetric panels)", {"_PANEL": 1 << 30}, None),
     ("plain row argmin", {"_BLOCK_ARGMIN": False}, None),
     ("fixed lazy batch B=128", {"_UCACHE": 1 << 50}, None),
     ("no window compaction", {"_COMPACT": False}, None),
@@ -143,16 +144,20 @@ ABLATIONS = [  # (name, solver module settings, max_steps beyond the dead prefix
 
 
 def ablate(shape: str, args):
-    """The exact path on the first chunk of rows of ``shape`` with each optimisation switched off."""
+    """The exact path on one chunk of rows per worker of ``shape``, each optimisation switched off."""
     import torch
     from osbc import solvers as S
     R, d = map(int, shape.split("x"))
     H = spike_hessian(d, N=args.samples, T=args.steps, dead_frac=args.dead)
     n = int((H.diagonal() > 0).sum())
-    c = S._rows_per_chunk(4 * (n * n + S._LAZY * n + 16 * d), R, args.max_memory)
-    W = torch.randn(R, d, generator=torch.Generator().manual_seed(1))[:c] * 0.05
+    mem = args.max_memory or S.DEFAULT_MAX_MEMORY
+    workers = S._workers("cpu")
+    c = S._rows_per_chunk(4 * (n * n + S._LAZY * n + 16 * d), R, mem // workers)
+    rows = min(R, c * workers)
+    W = torch.randn(R, d, generator=torch.Generator().manual_seed(1))[:rows] * 0.05
     S.obs_path(W[:2], H, max_steps=d - n + 50)
-    print(f"{shape}: exact path of one chunk ({c} rows, {n} live inputs); x{R / c:.1f} for the layer")
+    print(f"{shape}: exact path of {rows} rows ({workers} workers x {c}, {n} live inputs); x{R / rows:.1f} "
+          f"for the layer")
     for name, sets, steps in ABLATIONS:
         old = {k: getattr(S, k) for k in sets}
         for k, v in sets.items():
@@ -160,11 +165,11 @@ def ablate(shape: str, args):
         S._FLOPS[0] = 0
         try:
             ts = [_timed(lambda: S.obs_path(W, H, max_steps=None if steps is None else d - n + steps,
-                                            max_memory=args.max_memory)) for _ in range(args.repeat)]
+                                            max_memory=mem)) for _ in range(args.repeat)]
         finally:
             for k, v in old.items():
                 setattr(S, k, v)
-        print(f"  {name:34s} {min(ts):8.2f} s   executed {S._FLOPS[0] / len(ts) / 1e9:7.1f} GFLOP", flush=True)
+        print(f"  {name:38s} {min(ts):8.2f} s   executed {S._FLOPS[0] / len(ts) / 1e9:7.1f} GFLOP", flush=True)
 
 
 def main(argv=None):
@@ -175,7 +180,7 @@ def main(argv=None):
     ap.add_argument("--samples", type=int, default=256, help="calibration samples N")
     ap.add_argument("--steps", type=int, default=20, help="time steps T")
     ap.add_argument("--dead", type=float, default=0.2, help="share of inputs that never fire")
-    ap.add_argument("--max-memory", type=int, default=512 * 2 ** 20, help="solver max_memory (bytes)")
+    ap.add_argument("--max-memory", type=int, default=None, help="solver max_memory in bytes (default: the solver's)")
     ap.add_argument("--quick", action="store_true",
                     help="time exact solvers on a subset of rows when the full layer would exceed --budget")
     ap.add_argument("--budget", type=float, default=60.0, help="seconds per case with --quick (estimate)")

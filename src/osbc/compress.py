@@ -201,7 +201,7 @@ class _Run:
                     acc = self.hessians([t], stop_after=t)[t.name]
                 else:
                     acc = accs[t.name]
-                hs = acc.hessians()
+                hs = acc.hessians(release=True)
                 clustered = acc.clustered
             else:
                 clustered = False

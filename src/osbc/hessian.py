@@ -72,10 +72,18 @@ class HessianAccumulator:
             for (_, kern), H in zip(self.groups, self.H):
                 KP = P if kern.is_identity else kern.apply(P)
                 M = KP.reshape(-1, P.shape[-1])
-                H += (M.t() @ M).double()
+                H += M.t() @ M     # float32 GEMM, added into float64 (no float64 temporary)
 
-    def hessians(self) -> list[tuple[Tensor, Tensor]]:
-        """``(rows, H)`` per group, H = 2 E[(KX)^T (KX)] over the samples seen."""
+    def hessians(self, release: bool = False) -> list[tuple[Tensor, Tensor]]:
+        """``(rows, H)`` per group, H = 2 E[(KX)^T (KX)] over the samples seen. ``release=True``
+        scales the accumulators in place and hands them over (one d x d float64 copy fewer while the
+        layer is solved); the accumulator is spent after that."""
+        if self.H is None:
+            raise RuntimeError(f"{self.target.name}: this accumulator's Hessians were already released")
         if self.count == 0:
             raise ValueError(f"{self.target.name}: no calibration inputs reached this layer")
-        return [(rows, H * (2.0 / self.count)) for (rows, _), H in zip(self.groups, self.H)]
+        if not release:
+            return [(rows, H * (2.0 / self.count)) for (rows, _), H in zip(self.groups, self.H)]
+        out = [(rows, H.mul_(2.0 / self.count)) for (rows, _), H in zip(self.groups, self.H)]
+        self.H = None
+        return out

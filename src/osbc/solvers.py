@@ -31,7 +31,7 @@ __all__ = ["damp_inverse", "PrunePath", "obs_path", "budget_counts", "solve_on_s
            "prune_sparsegpt", "prune_magnitude", "quantize_obq", "quantize_gptq", "quantize_rtn",
            "DEFAULT_MAX_MEMORY"]
 
-DEFAULT_MAX_MEMORY = 512 * 2 ** 20
+DEFAULT_MAX_MEMORY = 448 * 2 ** 20
 _LAZY = 128          # most steps between batched downdates
 _UCACHE = 32 * 2 ** 20   # the pending low-rank term is re-read every step: keep it about cache-sized
 _PANEL = 128         # row panel of the lower-triangle flush
@@ -297,7 +297,7 @@ class _Lazy:
         n, j, P = self.n, self.j, _PANEL
         U = self.Ubuf[:, :j, :n]
         Hi = self.Hi
-        _FLOPS[0] += self.c * n * (n + P) * j
+        _FLOPS[0] += self.c * n * (n + min(P, n)) * j
         with _threads(self.nthreads, U.device):
             for r in range(self.c):
                 Ur, Hr, full = U[r], Hi[r], self.buf[r]
