@@ -108,3 +108,20 @@ def test_too_many_kernels_are_clustered():
     groups, clustered = kernel_groups(k, 40, max_groups=4)
     assert clustered and len(groups) <= 4
     assert sorted(torch.cat([r for r, _ in groups]).tolist()) == list(range(40))
+
+
+def test_released_hessians_equal_copies_and_spend_the_accumulator():
+    import pytest
+    model = MLP(d_in=48, hidden=16)
+    calib = spikes(7, 5, 48)
+    xs = list(batches(calib, 4))
+    t = {t.name: t for t in find_modules(model, xs[0])}["fc1"]
+    acc = HessianAccumulator(t, t.kernel, "cpu")
+    with Recorder([t], lambda _, x: acc.add(x)) as rec:
+        for x in xs:
+            rec.run(model, x)
+    [(_, copy)] = acc.hessians()
+    [(_, released)] = acc.hessians(release=True)
+    assert torch.equal(copy, released)
+    with pytest.raises(RuntimeError, match="fc1.*released"):
+        acc.hessians()

@@ -106,10 +106,15 @@ def herr(W0, W1, H):
     return float(((dw @ H.double()) * dw).sum())
 
 
-@pytest.fixture
-def small_lazy(monkeypatch):
-    """A tiny lazy batch, so short paths exercise many flushes and compactions."""
+@pytest.fixture(params=[1, 2], ids=["1worker", "2workers"])
+def small_lazy(monkeypatch, request):
+    """A tiny lazy batch and flush panel, so short paths exercise many flushes, compactions, panel
+    boundaries and mirrors; with one worker and with two concurrent ones."""
     monkeypatch.setattr(S, "_LAZY", 3)
+    monkeypatch.setattr(S, "_PANEL", 5)
+    monkeypatch.setattr(S, "_WORKERS", request.param)
+    if request.param > 1 and torch.get_num_threads() < 2:
+        monkeypatch.setattr(S, "_workers", lambda device: request.param)
 
 
 # ---- damping ---------------------------------------------------------------------------------
@@ -570,3 +575,13 @@ def test_lazy_batch_resizing_equals_plain(monkeypatch):
         o, l, _ = plain_greedy(W[r].numpy(), H.numpy())
         assert p.order[r].tolist() == o.tolist()
         np.testing.assert_allclose(p.loss[r].numpy(), l, rtol=1e-7, atol=1e-13)
+
+
+def test_workers_leave_the_callers_thread_count(monkeypatch):
+    monkeypatch.setattr(S, "_workers", lambda device: 2)
+    n = torch.get_num_threads()
+    W = torch.randn(6, 30)
+    H = spike_H(30)
+    S.obs_path(W, H)
+    S.quantize_obq(W, H, fit_grid(W, 4))
+    assert torch.get_num_threads() == n

@@ -5,15 +5,18 @@ per-row loss, shared [d, d] or per row [R, d, d], with H = 2 E[(KX)^T (KX)] (its
 matter). Losses are 1/2 dw^T H dw: removing w_q alone, optimally compensated, costs
 w_q^2 / (2 [H^-1]_qq).
 
-Work is vectorised over rows, chunked so a chunk's working set stays under ``max_memory`` bytes,
+Work is vectorised over rows, chunked so the chunks' working sets stay under ``max_memory`` bytes,
 and runs on W's device in float32 (float64 when W is float64). Inputs whose diagonal of H is zero
 ("dead": they never fired) carry no loss and are removed first.
 
 The exact greedy (``obs_path``, ``quantize_obq``) keeps, per row, H^-1 of the surviving weights.
 A step needs only diag(H^-1) (to choose) and one row of it (to compensate), so the rank-1
-downdates of ``_LAZY`` steps are kept as a low-rank term (H^-1 = Hi - U^T U) and applied in one
-batched matrix product; surviving indices are compacted now and then so the matrices shrink as
-weights go. H^-1 is normalised to mean(diag H) = 1, which keeps float32 well inside its range.
+downdates of up to ``_LAZY`` steps are kept as a low-rank term (H^-1 = Hi - U^T U) and applied
+together (a flush): lower triangle only, panel by panel, each panel mirrored while in cache. At
+each flush the surviving positions are compacted to the front, so the matrices shrink as weights
+go. On CPU the row chunks run on one worker thread per core: the per-step vector ops do not
+speed up with threads, and the products are partly memory-bound. H^-1 is normalised to
+mean(diag H) = 1, which keeps float32 well inside its range.
 """
 from __future__ import annotations
 
