@@ -318,9 +318,10 @@ class _Lazy:
                         else:
                             out.copy_(src)
                     else:
-                        if moves is not None:
+                        if moves is not None:   # scatter/gather: faster than index_copy_ here
                             rows = full[p0:p1]
-                            rows.index_copy_(1, moves[0][r], rows.index_select(1, moves[1][r]))
+                            a, b = (m[r].expand(p1 - p0, -1) for m in moves)
+                            rows.scatter_(1, a, rows.gather(1, b))
                         if j:
                             out.addmm_(Ur[:, p0:p1].mT, Ur[:, :p1], alpha=-1)
                     if p0:   # mirror while the panel is in cache (a later pass would re-read it)
@@ -352,9 +353,8 @@ class _Lazy:
             a = torch.where(ok, a, n - 1)            # padding: position n - 1 onto itself
             b = torch.where(ok, b, n - 1)
             if self.base is None:                    # rows now (whole rows), columns in the flush
-                ar = self.ar[:, None]
-                V = self.buf[:, :, :n]
-                V[ar, a] = V[ar, b]
+                ia, ib = (self.ar_n0[:, None] + a).view(-1), (self.ar_n0[:, None] + b).view(-1)
+                self.flat.index_copy_(0, ia, self.flat.index_select(0, ib))
             if j:
                 U = self.Ubuf[:, :j, :n]
                 U.scatter_(2, a[:, None].expand(-1, j, -1), U.gather(2, b[:, None].expand(-1, j, -1)))
