@@ -154,3 +154,21 @@ def test_lif_trains_through_surrogate():
     out = lif(fc(x))
     out.mean().backward()
     assert fc.weight.grad is not None and fc.weight.grad.abs().sum() > 0
+
+
+def test_adapters_load_only_for_their_own_neurons():
+    """A model of osbc neurons never imports the other libraries (norse alone costs ~1 s to
+    import); a norse neuron loads norse's adapter on first sight."""
+    import subprocess
+    import sys
+    code = (
+        "import sys, torch; from torch import nn; import osbc; from osbc import snn, kernels, interop\n"
+        "m = nn.Sequential(nn.Linear(4, 3), snn.LIF(2.0))\n"
+        "osbc.prune(m, torch.rand(8, 5, 4), sparsity=0.5, verbose=False)\n"
+        "assert not any(k.split('.')[0] in interop.LIBRARIES for k in sys.modules), sorted(sys.modules)\n"
+        "assert interop.AVAILABLE == []\n"
+        "try:\n    import norse.torch as nt\nexcept ImportError:\n    print('ok'); sys.exit()\n"
+        "assert kernels.kernel_of(nt.LIFBoxCell()).name and interop.AVAILABLE == ['norse']\n"
+        "print('ok')\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-2000:]

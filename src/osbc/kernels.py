@@ -218,12 +218,17 @@ def register(cls: type, kernel: Callable[[nn.Module], Kernel], reset: Callable[[
     _REGISTRY[cls] = _Family(kernel, reset)
 
 
+def _lookup(cls: type) -> _Family | None:
+    return next((_REGISTRY[c] for c in cls.__mro__ if c in _REGISTRY), None)
+
+
 def _family(m: nn.Module) -> _Family | None:
-    _ensure_interop()  # other libraries' neurons must be registered before anyone asks
-    for cls in type(m).__mro__:
-        if cls in _REGISTRY:
-            return _REGISTRY[cls]
-    return None
+    fam = _lookup(type(m))
+    if fam is None:
+        from . import interop   # another library's neuron: its adapter registers it on first sight
+        if interop.load_for(type(m)):
+            fam = _lookup(type(m))
+    return fam
 
 
 def is_neuron(m: nn.Module) -> bool:
@@ -249,27 +254,12 @@ def reset_module(m: nn.Module) -> None:
 def kernel_of(m: nn.Module, feature_shape: tuple[int, ...] | None = None, T: int = 32) -> Kernel:
     """The membrane kernel of neuron module ``m`` (registered family, else an impulse probe over
     ``feature_shape`` and ``T`` steps)."""
-    _ensure_interop()
     fam = _family(m)
     if fam is not None:
         return fam.kernel(m)
     if feature_shape is None:
         raise KernelError(f"{type(m).__name__}: unknown neuron type and no input shape to probe it with")
     return probe_kernel(m, feature_shape, T)
-
-
-_interop_loaded = False
-
-
-def _ensure_interop() -> None:
-    # Other libraries' neurons register themselves on import of osbc.interop (optional deps).
-    global _interop_loaded
-    if not _interop_loaded:
-        _interop_loaded = True
-        try:
-            from . import interop  # noqa: F401
-        except ImportError:
-            pass
 
 
 # ---- probing ----------------------------------------------------------------------------------
