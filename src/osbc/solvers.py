@@ -138,6 +138,14 @@ def _chol_inverse(L: Tensor) -> Tensor:
     return Li.mT @ Li
 
 
+def _block(M: Tensor, idx: Tensor) -> Tensor:
+    """Principal submatrix M[idx][:, idx] of a [d, d] matrix (no copy when idx is all of 0..d-1,
+    the common case of no silent input: a gather of a big float64 matrix is not free)."""
+    if idx.numel() == M.shape[-1]:
+        return M
+    return M.index_select(0, idx).index_select(1, idx)
+
+
 def damp_inverse(H: Tensor, damp: float = 0.01):
     """(H + lambda I)^-1 in float64 and the dead-input mask, for [d, d] or [R, d, d]."""
     _, L, dead = _damped(H, damp)
@@ -647,7 +655,7 @@ def obs_path(W: Tensor, H: Tensor, *, max_steps: int | None = None, block: int =
             # block of H; inputs kept by a full N:M group still compensate: H^-1 of all live ones
             live_s = torch.nonzero(~dead_s)[:, 0]
             sub = torch.searchsorted(live_s, a_s)
-            Hi0 = (_chol_inverse(L[live_s][:, live_s])[sub][:, sub] * sigma_s).to(cdt)
+            Hi0 = (_block(_chol_inverse(_block(L, live_s)), sub) * sigma_s).to(cdt)
         del L
         per_row = es * (n_s * n_s + _LAZY * n_s + 16 * d)
     else:
@@ -974,8 +982,7 @@ def prune_sparsegpt(W: Tensor, H: Tensor, sparsity, *, nm=None, blocksize: int =
         a = torch.nonzero(~dead)[:, 0]
         # dead inputs are decoupled: the live block of the factor is the live block's factor
         fa = (d - 1 - a).flip(0)
-        if fa.numel() < d:
-            Lf = Lf[fa][:, fa]
+        Lf = _block(Lf, fa)
         Uc = _hinv_upper(Lf).to(cdt)
         del Lf
         wa = w[:, a].contiguous()
@@ -1107,7 +1114,7 @@ def quantize_obq(W: Tensor, H: Tensor, grid: Grid, *, keep_mask: Tensor | None =
         a = torch.nonzero(~dead_s)[:, 0]
         n = int(a.numel())
         if n:
-            Hinv = _chol_inverse(L[a][:, a])
+            Hinv = _chol_inverse(_block(L, a))
             Hinv = (Hinv * Hd.diagonal()[a].mean()).to(cdt)
             del L
             chunks = _chunks(R, _rows_per_chunk(es * (n * n + _LAZY * n + 16 * n), R, max_memory // workers), workers)
