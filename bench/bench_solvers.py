@@ -93,7 +93,7 @@ def run_case(shape: str, solver: str, args) -> dict:
     note = ""
     if solver in EXACT and args.quick and R * (2 * n_live ** 3 / 3) / 1.5e11 > args.budget:
         # subset of rows: whole chunks of the solver's own chunking, at least two rows
-        per_row = 4 * (n_live * n_live + S._LAZY * n_live + 16 * d)
+        per_row = 4 * (n_live * n_live + S._lazy_batch("cpu", 1)[0] * n_live + 16 * d)
         c = S._rows_per_chunk(per_row, R, mem)
         target = max(2, int(R * args.budget / (R * (2 * n_live ** 3 / 3) / 1.5e11)))
         rows = min(R, max(c, target // c * c))
@@ -133,13 +133,13 @@ def run_case(shape: str, solver: str, args) -> dict:
 
 ABLATIONS = [  # (name, solver module settings, max_steps beyond the dead prefix or None)
     ("current", {}, None),
+    ("torch steps instead of compiled ones", {"_JIT": False}, None),
     ("one chunk at a time, on all threads", {"_WORKERS": 1}, None),
     ("full-matrix flush (no symmetric panels)", {"_PANEL": 1 << 30}, None),
-    ("plain row argmin", {"_BLOCK_ARGMIN": False}, None),
-    ("fixed lazy batch B=128", {"_UCACHE": 1 << 50}, None),
+    ("lazy batch B=128 instead of 256", {"_LAZY_JIT": 128}, None),
     ("no window compaction", {"_COMPACT": False}, None),
     ("current, first 300 greedy steps", {}, 300),
-    ("no lazy batch (B=1), 300 steps", {"_LAZY": 1}, 300),
+    ("no lazy batch (B=1), 300 steps", {"_LAZY": 1, "_LAZY_JIT": 1}, 300),
 ]
 
 
@@ -152,7 +152,7 @@ def ablate(shape: str, args):
     n = int((H.diagonal() > 0).sum())
     mem = args.max_memory or S.DEFAULT_MAX_MEMORY
     workers = S._workers("cpu")
-    c = S._rows_per_chunk(4 * (n * n + S._LAZY * n + 16 * d), R, mem // workers)
+    c = S._rows_per_chunk(4 * (n * n + S._lazy_batch("cpu", workers)[0] * n + 16 * d), R, mem // workers)
     rows = min(R, c * workers)
     W = torch.randn(R, d, generator=torch.Generator().manual_seed(1))[:rows] * 0.05
     S.obs_path(W[:2], H, max_steps=d - n + 50)

@@ -1,5 +1,7 @@
 """Solvers against independent computations (numpy, brute force, a plain greedy written here)."""
 
+import importlib.util
+
 import numpy as np
 import pytest
 import torch
@@ -106,15 +108,22 @@ def herr(W0, W1, H):
     return float(((dw @ H.double()) * dw).sum())
 
 
-@pytest.fixture(params=[1, 2], ids=["1worker", "2workers"])
+STEPS = ["jit", "torch"] if importlib.util.find_spec("numba") else ["torch"]
+
+
+@pytest.fixture(params=[(w, st) for st in STEPS for w in (1, 2)], ids=lambda p: f"{p[0]}worker-{p[1]}")
 def small_lazy(monkeypatch, request):
     """A tiny lazy batch and flush panel, so short paths exercise many flushes, compactions, panel
-    boundaries and mirrors; with one worker and with two concurrent ones."""
+    boundaries and mirrors; with one worker and with two concurrent ones; with the compiled steps
+    (osbc.jit) and with the torch ones."""
+    workers, steps = request.param
     monkeypatch.setattr(S, "_LAZY", 3)
+    monkeypatch.setattr(S, "_LAZY_JIT", 3)
     monkeypatch.setattr(S, "_PANEL", 5)
-    monkeypatch.setattr(S, "_WORKERS", request.param)
-    if request.param > 1 and torch.get_num_threads() < 2:
-        monkeypatch.setattr(S, "_workers", lambda device: request.param)
+    monkeypatch.setattr(S, "_WORKERS", workers)
+    monkeypatch.setattr(S, "_JIT", steps == "jit")
+    if workers > 1 and torch.get_num_threads() < 2:
+        monkeypatch.setattr(S, "_workers", lambda device: workers)
 
 
 # ---- damping ---------------------------------------------------------------------------------
@@ -585,3 +594,39 @@ def test_workers_leave_the_callers_thread_count(monkeypatch):
     S.obs_path(W, H)
     S.quantize_obq(W, H, fit_grid(W, 4))
     assert torch.get_num_threads() == n
+
+
+def test_torch_steps_when_numba_is_missing(monkeypatch):
+    """Without numba the greedy falls back to the torch steps, with the same path."""
+    import sys
+    import osbc
+    torch.manual_seed(8)
+    W = torch.randn(4, 16, dtype=torch.float64)
+    H = spike_H(16, dead=(2,))
+    ref = S.obs_path(W, H)
+    monkeypatch.setitem(sys.modules, "numba", None)
+    monkeypatch.delitem(sys.modules, "osbc.jit", raising=False)
+    monkeypatch.delattr(osbc, "jit", raising=False)
+    monkeypatch.setattr(S, "_JIT_MOD", None)
+    got = S.obs_path(W, H)
+    assert S._JIT_MOD is False
+    assert torch.equal(got.order, ref.order)
+    torch.testing.assert_close(got.loss, ref.loss, rtol=1e-9, atol=1e-14)
+
+
+@pytest.mark.skipif("jit" not in STEPS, reason="numba not installed")
+def test_jit_steps_equal_torch_steps_at_default_batches(monkeypatch):
+    """Compiled and torch steps on a few hundred inputs with the default lazy batches (several
+    flushes and compactions): the same pruning path and the same OBQ result."""
+    torch.manual_seed(9)
+    d = 600
+    H = spike_H(d, dead=(4, 100), p=0.2)
+    W = torch.randn(5, d, dtype=torch.float64)
+    g = fit_grid(W, 3)
+    out = {}
+    for jit in (True, False):
+        monkeypatch.setattr(S, "_JIT", jit)
+        out[jit] = S.obs_path(W, H), S.quantize_obq(W, H, g)
+    assert torch.equal(out[True][0].order, out[False][0].order)
+    torch.testing.assert_close(out[True][0].loss, out[False][0].loss, rtol=1e-9, atol=1e-14)
+    torch.testing.assert_close(out[True][1], out[False][1], rtol=1e-9, atol=1e-12)

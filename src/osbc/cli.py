@@ -875,7 +875,7 @@ def _args_demo(p: argparse.ArgumentParser) -> None:
     p.add_argument("--methods", type=_listof(str, ("osbc", "obc", "magnitude", "rtn")), default=DEMO["methods"])
     p.add_argument("--solver", default=DEMO["solver"], choices=("auto", "exact", "fast"),
                    help="default fast (SparseGPT / GPTQ column sweeps) to fit the CPU budget; auto or exact "
-                        "run the greedy ExactOBS / OBQ solvers (about 30 s per compression of the MLP on 2 CPU cores)")
+                        "run the greedy ExactOBS / OBQ solvers (about 15 s per compression of the MLP on 2 CPU cores)")
     p.set_defaults(demo_defaults=True)
 
 

@@ -11,17 +11,20 @@ and runs on W's device in float32 (float64 when W is float64). Inputs whose diag
 
 The exact greedy (``obs_path``, ``quantize_obq``) keeps, per row, H^-1 of the surviving weights.
 A step needs only diag(H^-1) (to choose) and one row of it (to compensate), so the rank-1
-downdates of up to ``_LAZY`` steps are kept as a low-rank term (H^-1 = Hi - U^T U) and applied
-together (a flush): lower triangle only, panel by panel, each panel mirrored while in cache. At
+downdates of a batch of steps (``_LAZY``, ``_LAZY_JIT``) are kept as a low-rank term
+(H^-1 = Hi - U^T U) and applied together (a flush): lower triangle only, panel by panel, each
+panel mirrored while in cache. At
 each flush the surviving positions are compacted to the front, so the matrices shrink as weights
-go. On CPU the row chunks run on one worker thread per core: the per-step vector ops do not
-speed up with threads, and the products are partly memory-bound. H^-1 is normalised to
+go. On CPU the steps between two flushes run as one compiled loop (``osbc.jit``, numba) rather
+than ~20 torch ops per step, and the row chunks run on one worker thread per core: the step work
+does not speed up with threads, and the products are partly memory-bound. H^-1 is normalised to
 mean(diag H) = 1, which keeps float32 well inside its range.
 """
 from __future__ import annotations
 
 import math
 import queue
+import warnings
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -34,9 +37,10 @@ __all__ = ["damp_inverse", "PrunePath", "obs_path", "budget_counts", "solve_on_s
            "prune_sparsegpt", "prune_magnitude", "quantize_obq", "quantize_gptq", "quantize_rtn",
            "DEFAULT_MAX_MEMORY"]
 
-DEFAULT_MAX_MEMORY = 448 * 2 ** 20
-_LAZY = 128          # most steps between batched downdates
-_UCACHE = 32 * 2 ** 20   # the pending low-rank term is re-read every step: keep it about cache-sized
+DEFAULT_MAX_MEMORY = 384 * 2 ** 20
+_LAZY = 128          # most steps between batched downdates (torch steps)
+_LAZY_JIT = 256      # the same for compiled steps: they read one row's pending term at a time
+_UCACHE = 32 * 2 ** 20   # torch steps re-read the whole chunk's pending term: keep it about cache-sized
 _PANEL = 128         # row panel of the lower-triangle flush
 _FLOOR = 1e-12       # floor of diag(H^-1) (normalised; the true minimum is ~1/d)
 _RETRIES = 6
@@ -44,6 +48,9 @@ _STEP_THREADS = 1    # intra-op threads for the per-step vector work (None: leav
 _WORKERS = 4         # most row chunks solved concurrently on CPU (1: one at a time, on all threads)
 _BLOCK_ARGMIN = True
 _COMPACT = True      # shrink the active window after each flush (False only for benchmarks)
+_JIT = True          # compiled CPU steps (osbc.jit) when numba is installed (False: torch steps)
+_JIT_MOD = None      # osbc.jit once imported, False when numba is missing
+_NO_GROUPS = torch.zeros(1, 1, dtype=torch.int64)
 _FLOPS = [0]         # executed H^-1 update flops of the greedy engines (read by bench/bench_solvers.py)
 
 
@@ -244,7 +251,7 @@ class _Lazy:
     the window by swapping them with the removed ones there (O(B n) per row, not a full O(n^2) copy)
     and the window shrinks, so the products only ever touch surviving weights."""
 
-    def __init__(self, buf: Tensor, lazy: int, base: Tensor | None = None, ucache: int = _UCACHE):
+    def __init__(self, buf: Tensor, lazy: int, base: Tensor | None = None, ucache: int | None = _UCACHE):
         c, n, _ = buf.shape
         self.buf, self.base, self.ucache = buf, base, ucache
         self.Ubuf = buf.new_empty(c, lazy, n)
@@ -256,8 +263,11 @@ class _Lazy:
     def resize(self):
         """Lazy batch B: as long as possible (fewer, more efficient products) while the pending
         term U [c, B, n], read at every step, stays about cache-sized; grows as the window shrinks."""
-        fit = self.ucache / (self.buf.element_size() * self.c * max(self.n, 1))
-        self.B = min(self.lazy, max(16, 2 ** int(math.log2(max(fit, 1)))))
+        if self.ucache is None:
+            self.B = self.lazy
+        else:
+            fit = self.ucache / (self.buf.element_size() * self.c * max(self.n, 1))
+            self.B = min(self.lazy, max(16, 2 ** int(math.log2(max(fit, 1)))))
         n0 = self.buf.shape[1]
         self.flat = self.buf.view(-1, n0)[:, :self.n]      # row r*n0 + i = row i of row r's H^-1
         self.ar_n0 = self.ar * n0
@@ -309,29 +319,36 @@ class _Lazy:
         U = self.Ubuf[:, :j, :n]
         Hi = self.Hi
         _FLOPS[0] += self.c * n * (n + min(P, n)) * j
+        if moves is not None:    # panel ends, to find each panel's moved columns
+            ends = torch.arange(P, n + P, P, device=U.device).clamp_(max=n)
         with _threads(self.nthreads, U.device):
             for r in range(self.c):
                 Ur, Hr, full = U[r], Hi[r], self.buf[r]
-                if moves is not None and base is not None:    # the moved source, in the new order
-                    perm = torch.arange(int(moves[1].max()) + 1, device=U.device)
-                    perm = perm.index_copy_(0, moves[0][r], moves[1][r])[:n]
-                for p0 in range(0, n, P):
+                if moves is not None:
+                    a_r, b_r = moves[0][r], moves[1][r]
+                    # a panel needs only its moved columns left of its end (the rest is mirrored
+                    # over): a prefix of the sorted destinations
+                    kp = torch.searchsorted(a_r, ends).tolist()
+                    if base is not None:     # the moved rows' sources, in the new order
+                        perm = torch.arange(int(b_r.max()) + 1, device=U.device)
+                        perm = perm.index_copy_(0, a_r, b_r)[:n]
+                for i, p0 in enumerate(range(0, n, P)):
                     p1 = min(n, p0 + P)
                     out = Hr[p0:p1, :p1]
-                    if base is not None:
-                        src = base[p0:p1, :p1] if moves is None else \
-                            base.index_select(0, perm[p0:p1]).index_select(1, perm[:p1])
-                        if j:
-                            torch.addmm(src, Ur[:, p0:p1].mT, Ur[:, :p1], alpha=-1, out=out)
-                        else:
-                            out.copy_(src)
+                    if base is None:
+                        src = full[p0:p1]                          # updated in place
                     else:
-                        if moves is not None:   # scatter/gather: faster than index_copy_ here
-                            rows = full[p0:p1]
-                            a, b = (m[r].expand(p1 - p0, -1) for m in moves)
-                            rows.scatter_(1, a, rows.gather(1, b))
+                        src = base[p0:p1] if moves is None else base.index_select(0, perm[p0:p1])
+                    if moves is not None and kp[i]:   # scatter/gather: faster than index_copy_
+                        a, b = (m[:kp[i]].expand(p1 - p0, -1) for m in (a_r, b_r))
+                        src.scatter_(1, a, src.gather(1, b))
+                    if base is None:
                         if j:
                             out.addmm_(Ur[:, p0:p1].mT, Ur[:, :p1], alpha=-1)
+                    elif j:
+                        torch.addmm(src[:, :p1], Ur[:, p0:p1].mT, Ur[:, :p1], alpha=-1, out=out)
+                    else:
+                        out.copy_(src[:, :p1])
                     if p0:   # mirror while the panel is in cache (a later pass would re-read it)
                         Hr[:p0, p0:p1].copy_(Hr[p0:p1, :p0].T)
         self.base = None
@@ -408,36 +425,97 @@ def _greedy(lz: _Lazy, w: Tensor, pen: Tensor, idx: Tensor, steps: int, *, quant
     """One weight per step per row (OBS pruning if ``quant`` is None, else OBQ).
 
     pen [c, n]: 0 eligible, -inf forced first, +inf never, large finite = filler picked last.
+    quant = (scale [c, 1], qmin, qmax); nm = (group id [c, n], removals per group [c, G], cap).
     Returns per step: original index, error e_q (w_q or w_q - quant(w_q)), [H^-1]_qq, target t_q.
 
-    A step is a few dozen small ops on [c, n] vectors, so their count matters: per-step results are
-    collected in lists and written once per lazy batch, and pen and diag share one tensor so a
-    removal marks both with one scatter. w_q itself is left as it is: it is never read again."""
+    Runs lazy batch by batch: the steps up to the next flush (compiled on CPU when numba is
+    installed, else torch ops), then the flush with compaction of the surviving positions."""
     c = w.shape[0]
     dev = w.device
-    inf = float("inf")
     rq = torch.empty(c, steps, dtype=torch.int64, device=dev)
     re = torch.empty(c, steps, dtype=w.dtype, device=dev)
     rd = torch.empty_like(re)
     rt = torch.zeros_like(re) if quant is not None else None
-    if quant is not None:
-        sc, qmin, qmax = quant
-    if nm is not None:
-        gid, cnt, cap = nm
-    marks = torch.tensor([inf, 1.0], dtype=w.dtype, device=dev).view(2, 1, 1).expand(2, c, 1)
+    jit = _jit_module(w.device)
+    qbuf = torch.empty(c, steps, dtype=torch.int64) if jit is not None else None
+    gid = nm[0] if nm is not None else None
+    done = 0
+    while done < steps:
+        w = w.contiguous()
+        pd = _pen_diag(lz, pen)
+        if gid is not None:
+            nm = (gid.contiguous(), nm[1], nm[2])
+        k = min(lz.B - lz.j, steps - done)
+        if jit is not None:
+            q = _jit_steps(jit, lz, w, pd, k, quant, nm, (qbuf, re, rd, rt), done)
+        else:
+            q = _torch_steps(lz, w, pd, k, quant, nm, (re, rd, rt), done)
+        rq[:, done:done + k] = idx.gather(1, q)
+        done += k
+        if bar is not None:
+            bar.update(k * c)
+        if done == steps:
+            break
+        pen = pd[0]
+        if not _COMPACT:
+            lz.flush()
+        elif gid is None:
+            w, pen, idx = lz.compact(_live(pen), w, pen, idx)
+        else:
+            w, pen, idx, gid = lz.compact(_live(pen), w, pen, idx, gid)
+    return rq, re, rd, rt
 
-    def stack(pen):
-        """[2, c, n]: pen and diag (1 where removed, so scores stay finite-free of 0/0)."""
-        pd = torch.stack([pen, lz.diag()])
-        pd[1].masked_fill_(~_live(pen), 1.0)
-        return pd
 
-    pd = stack(pen)
+def _jit_module(device):
+    """osbc.jit when the compiled steps apply (CPU, numba installed, ``_JIT`` on), else None."""
+    global _JIT_MOD
+    if not _JIT or torch.device(device).type != "cpu":
+        return None
+    if _JIT_MOD is None:
+        try:
+            from . import jit as mod
+        except ImportError:          # numba not installed (it is a dependency): torch steps
+            mod = False
+        except Exception as e:       # e.g. no writable cache directory for the compiled code
+            warnings.warn(f"osbc: compiled greedy steps unavailable ({type(e).__name__}: {e}); using the "
+                          "slower torch steps (set NUMBA_CACHE_DIR to a writable directory to fix a cache error)")
+            mod = False
+        _JIT_MOD = mod
+    return _JIT_MOD or None
+
+
+def _lazy_batch(device, workers: int, block: int = 1) -> tuple[int, int | None]:
+    """(most steps per lazy batch, cache bound of the pending term) for ``_Lazy``: torch steps read
+    the whole chunk's pending term at every step, so it stays cache-sized; compiled steps read one
+    row's at a time and take longer batches (fewer flushes)."""
+    if block == 1 and _jit_module(device) is not None:
+        return _LAZY_JIT, None
+    return _LAZY, _UCACHE // workers
+
+
+def _pen_diag(lz: _Lazy, pen: Tensor) -> Tensor:
+    """[2, c, n]: pen and diag(H^-1) in one tensor, so a removal marks both with one scatter; diag
+    is 1 where removed, which keeps the scores free of 0/0."""
+    pd = torch.stack([pen, lz.diag()])
+    pd[1].masked_fill_(~_live(pen), 1.0)
+    return pd
+
+
+def _torch_steps(lz: _Lazy, w: Tensor, pd: Tensor, k: int, quant, nm, out: tuple, s0: int) -> Tensor:
+    """k greedy steps of every row as torch ops (any device); step s's e_q, [H^-1]_qq and t_q go
+    to out = (re, rd, rt)[:, s0 + s]. Returns the chosen positions [c, k].
+
+    A step is a few dozen small ops on [c, n] vectors, so their count matters: results are
+    collected in lists and written once per batch, and w_q is left as it is (never read again)."""
+    c = w.shape[0]
+    inf = float("inf")
     pen, diag = pd[0], pd[1]
+    marks = torch.tensor([inf, 1.0], dtype=w.dtype, device=w.device).view(2, 1, 1).expand(2, c, 1)
     sb = _Scores(c, lz.n, w)
-    done, qs, es, ds, ts = 0, [], [], [], []
-    for s in range(steps):
+    qs, es, ds, ts = [], [], [], []
+    for _ in range(k):
         if quant is not None:
+            sc, qmin, qmax = quant
             t = torch.round(w / sc).clamp_(qmin, qmax).mul_(sc)
             e = w - t
         else:
@@ -459,33 +537,35 @@ def _greedy(lz: _Lazy, w: Tensor, pen: Tensor, idx: Tensor, steps: int, *, quant
         if quant is not None:
             ts.append(t.gather(1, q1))
         if nm is not None:                        # a full group's other members become ineligible
+            gid, cnt, cap = nm
             g = gid.gather(1, q1)
             cnt.scatter_add_(1, g, torch.ones_like(g))
             full = cnt.gather(1, g) >= cap
             pen.masked_fill_((gid == g) & full, inf)
-        if lz.j == lz.B or s == steps - 1:
-            sl = slice(done, s + 1)
-            rq[:, sl] = idx.gather(1, torch.cat(qs, 1))
-            re[:, sl] = torch.cat(es, 1)
-            rd[:, sl] = torch.cat(ds, 1)
-            if quant is not None:
-                rt[:, sl] = torch.cat(ts, 1)
-            if bar is not None:
-                bar.update((s + 1 - done) * c)
-            done, qs, es, ds, ts = s + 1, [], [], [], []
-            if s == steps - 1:
-                break
-            if _COMPACT:
-                if nm is None:
-                    w, pen, idx = lz.compact(_live(pen), w, pen, idx)
-                else:
-                    w, pen, idx, gid = lz.compact(_live(pen), w, pen, idx, gid)
-                sb.shrink(lz.n)
-            else:
-                lz.flush()
-            pd = stack(pen)
-            pen, diag = pd[0], pd[1]
-    return rq, re, rd, rt
+    for o, vals in zip(out, (es, ds, ts)):
+        if o is not None:
+            o[:, s0:s0 + k] = torch.cat(vals, 1)
+    return torch.cat(qs, 1)
+
+
+def _jit_steps(jit, lz: _Lazy, w: Tensor, pd: Tensor, k: int, quant, nm, out: tuple, s0: int) -> Tensor:
+    """The same k steps as ``_torch_steps``, as one compiled call (osbc.jit); out = (positions,
+    re, rd, rt) [c, steps], written at s0.. . Returns the positions [c, k]."""
+    c, n = w.shape
+    qbuf, re, rd, rt = out
+    j0 = lz.j
+    _FLOPS[0] += c * n * k * (2 * j0 + k - 1)      # the pending-term reads, counted as lz.rows does
+    one = w.numpy().dtype.type(1)
+    sc, qmin, qmax = quant if quant is not None else (w.new_ones(c), 0, 0)
+    gid, cnt, cap = nm if nm is not None else (_NO_GROUPS, _NO_GROUPS, 0)
+    A = lz.base[None] if lz.base is not None else lz.buf
+    jit.greedy_steps(A.numpy(), lz.base is not None, lz.Ubuf.numpy(), j0, k, n, w.numpy(), pd.numpy(),
+                     quant is not None, sc.reshape(c).contiguous().numpy(), one * qmin, one * qmax,
+                     nm is not None, gid.numpy(), cnt.numpy(), int(cap),
+                     qbuf.numpy(), re.numpy(), rd.numpy(), (re if rt is None else rt).numpy(), s0,
+                     one * _FLOOR, one * float("inf"), one)
+    lz.j += k
+    return qbuf[:, s0:s0 + k]
 
 
 def _live(pen: Tensor) -> Tensor:
@@ -642,6 +722,7 @@ def obs_path(W: Tensor, H: Tensor, *, max_steps: int | None = None, block: int =
 
     es = torch.finfo(cdt).bits // 8
     workers = _workers(dev)
+    lazy, ucache = _lazy_batch(dev, workers, block)
     if shared:
         Hd, L, dead_s = _damped(H.to(dev), damp)
         sigma_s = Hd.diagonal()[~dead_s].mean() if bool((~dead_s).any()) else Hd.new_tensor(1.0)
@@ -657,9 +738,9 @@ def obs_path(W: Tensor, H: Tensor, *, max_steps: int | None = None, block: int =
             sub = torch.searchsorted(live_s, a_s)
             Hi0 = (_block(_chol_inverse(_block(L, live_s)), sub) * sigma_s).to(cdt)
         del L
-        per_row = es * (n_s * n_s + _LAZY * n_s + 16 * d)
+        per_row = es * (n_s * n_s + lazy * n_s + 16 * d)
     else:
-        per_row = 8 * 3 * d * d + es * (d * d + _LAZY * d)
+        per_row = 8 * 3 * d * d + es * (d * d + lazy * d)
     chunks = _chunks(R, _rows_per_chunk(per_row, R, max_memory // workers), workers)
     bar = _progress(progress, R * S, "OBS path")
     bufs = queue.SimpleQueue()       # one H^-1 buffer per worker, reused (no re-faulting)
@@ -686,10 +767,9 @@ def obs_path(W: Tensor, H: Tensor, *, max_steps: int | None = None, block: int =
             n = int(a_idx.numel())
             if shared:
                 buf = _pooled(bufs, lambda: Hi0.new_empty(chunks[0].stop, n, n))
-                lz = _Lazy(buf[:c], _LAZY, base=Hi0, ucache=_UCACHE // workers)
+                lz = _Lazy(buf[:c], lazy, base=Hi0, ucache=ucache)
             else:
-                lz = _Lazy((Hinv_c[:, a_idx][:, :, a_idx] * sigma[:, None, None]).to(cdt), _LAZY,
-                           ucache=_UCACHE // workers)
+                lz = _Lazy((Hinv_c[:, a_idx][:, :, a_idx] * sigma[:, None, None]).to(cdt), lazy, ucache=ucache)
             w = W[rows][:, a_idx].to(cdt).clone()
             forced = dead[:, a_idx]
             pen = torch.zeros(c, n, dtype=cdt, device=dev).masked_fill_(forced, -float("inf"))
@@ -1109,6 +1189,7 @@ def quantize_obq(W: Tensor, H: Tensor, grid: Grid, *, keep_mask: Tensor | None =
     if shared:
         Hd, L, dead_s = _damped(H.to(dev), damp)
     workers = _workers(dev)
+    lazy, ucache = _lazy_batch(dev, workers)
     if shared and (keep is None or bool(keep[:, ~dead_s].all())):
         # every row works on the same live inputs: one H^-1 for all
         a = torch.nonzero(~dead_s)[:, 0]
@@ -1117,14 +1198,14 @@ def quantize_obq(W: Tensor, H: Tensor, grid: Grid, *, keep_mask: Tensor | None =
             Hinv = _chol_inverse(_block(L, a))
             Hinv = (Hinv * Hd.diagonal()[a].mean()).to(cdt)
             del L
-            chunks = _chunks(R, _rows_per_chunk(es * (n * n + _LAZY * n + 16 * n), R, max_memory // workers), workers)
+            chunks = _chunks(R, _rows_per_chunk(es * (n * n + lazy * n + 16 * n), R, max_memory // workers), workers)
             bar = _progress(progress, R * n, "OBQ")
             bufs = queue.SimpleQueue()
 
             def solve(rows: slice):
                 c = rows.stop - rows.start
                 buf = _pooled(bufs, lambda: Hinv.new_empty(chunks[0].stop, n, n))
-                lz = _Lazy(buf[:c], _LAZY, base=Hinv, ucache=_UCACHE // workers)
+                lz = _Lazy(buf[:c], lazy, base=Hinv, ucache=ucache)
                 w = w0[rows][:, a].clone()
                 pen = torch.zeros_like(w)
                 idx = a[None].expand(c, n).contiguous()
@@ -1150,7 +1231,7 @@ def quantize_obq(W: Tensor, H: Tensor, grid: Grid, *, keep_mask: Tensor | None =
     bar = _progress(progress, int(nS.sum()), "OBQ")
 
     def per_row(m):
-        return 8 * 3 * m * m + es * (m * m + _LAZY * m + 16 * m) + (0 if shared else 8 * 3 * d * d)
+        return 8 * 3 * m * m + es * (m * m + lazy * m + 16 * m) + (0 if shared else 8 * 3 * d * d)
 
     # rows sorted by support size, so a chunk's padding stays small; its last row bounds its size
     chunks, i = [], 0
@@ -1173,7 +1254,7 @@ def quantize_obq(W: Tensor, H: Tensor, grid: Grid, *, keep_mask: Tensor | None =
             A = A + torch.diag_embed(A.diagonal(dim1=1, dim2=2) * 1e-8)
             Lc = torch.linalg.cholesky_ex(A)[0]
         sig = (A.diagonal(dim1=1, dim2=2) * valid).sum(1) / valid.sum(1).clamp_min(1)
-        lz = _Lazy((_chol_inverse(Lc) * sig[:, None, None]).to(cdt), _LAZY, ucache=_UCACHE // workers)
+        lz = _Lazy((_chol_inverse(Lc) * sig[:, None, None]).to(cdt), lazy, ucache=ucache)
         del A, Lc
         w = w0[rr].gather(1, pos) * valid
         pen = torch.zeros_like(w).masked_fill_(~valid, 1e30)     # padding: picked last, a no-op
