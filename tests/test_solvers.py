@@ -630,3 +630,14 @@ def test_jit_steps_equal_torch_steps_at_default_batches(monkeypatch):
     assert torch.equal(out[True][0].order, out[False][0].order)
     torch.testing.assert_close(out[True][0].loss, out[False][0].loss, rtol=1e-9, atol=1e-14)
     torch.testing.assert_close(out[True][1], out[False][1], rtol=1e-9, atol=1e-12)
+
+
+def test_weights_that_require_grad():
+    """A layer's weight passed as is (a Parameter) gives the same results as its detached copy."""
+    lin = torch.nn.Linear(20, 4, bias=False)
+    H = spike_H(20)
+    W = lin.weight.detach().clone()
+    assert torch.equal(S.obs_path(lin.weight, H).order, S.obs_path(W, H).order)
+    torch.testing.assert_close(S.prune_exact(lin.weight, H, 0.5)[0], S.prune_exact(W, H, 0.5)[0])
+    g = fit_grid(W, 4)
+    torch.testing.assert_close(S.quantize_obq(lin.weight, H, g), S.quantize_obq(W, H, g))

@@ -691,6 +691,7 @@ def obs_path(W: Tensor, H: Tensor, *, max_steps: int | None = None, block: int =
     H^-1 -= H^-1[:, q] H^-1[q, :] / [H^-1]_qq. ``block=k`` removes the k best per step with the
     group update. ``nm=(n, m)``: at most m - n removed per group of m consecutive inputs (the path
     ends when every group is full). Dead inputs come first, at loss 0."""
+    W = W.detach()
     R, d = W.shape
     dev, cdt = W.device, _cdtype(W)
     shared = H.dim() == 2
