@@ -46,7 +46,7 @@ def digest(t: Tensor) -> str:
     t = t.detach().cpu().contiguous()
     h = hashlib.blake2b(digest_size=16)
     h.update(f"{str(t.dtype).removeprefix('torch.')}{list(t.shape)}".encode())
-    h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    h.update(t.reshape(-1).view(torch.uint8).numpy())  # the buffer itself, no copy
     return h.hexdigest()
 
 
@@ -121,7 +121,8 @@ def read_header(path: str | os.PathLike, what: str = "checkpoint") -> Header:
     tensors = {}
     for name, t in doc.items():
         ok = isinstance(t, dict) and isinstance(t.get("dtype"), str) and t["dtype"] in _DTYPES
-        ok = ok and isinstance(t.get("shape"), list) and all(type(s) is int and s >= 0 for s in t["shape"])
+        ok = ok and isinstance(t.get("shape"), list) and len(t["shape"]) <= 16
+        ok = ok and all(type(s) is int and s >= 0 for s in t["shape"])
         off = t.get("data_offsets") if ok else None
         ok = ok and isinstance(off, list) and len(off) == 2 and all(type(o) is int for o in off)
         if not ok or not 0 <= off[0] <= off[1]:
