@@ -298,3 +298,18 @@ def test_old_compact_files_still_load(tmp_path):
     assert user == {"n": 1}
     assert all(torch.equal(v, state[k]) for k, v in m.state_dict().items())
     assert osbc.load_compressed(p, _model) is not None
+
+
+@pytest.mark.parametrize("argv,culprit", [
+    (["--arch", "small_conv", "--arch-arg", "hidden=1000000000"], "hidden"),
+    (["--arch", "small_conv", "--arch-arg", "hidden=-1"], "hidden"),
+    (["--arch", "dvsgesture_net", "--arch-arg", "in_shape=[2,10,10]"], "in_shape"),
+    (["--model", "{ckpt}"], "frames"),
+])
+def test_cli_reports_one_line(ckpt, capsys, argv, culprit):
+    from osbc.cli import main
+
+    rewrite(ckpt, edit_meta("frames", lambda s: "-5"))
+    rc = main(["info"] + [a.format(ckpt=ckpt) for a in argv])
+    err = capsys.readouterr().err.strip()
+    assert rc == 1 and err.startswith("osbc: error:") and "\n" not in err and culprit in err, err

@@ -16,12 +16,12 @@ round trip is exact: every nonzero weight comes back with its exact bit pattern 
 any grid simply stay in float), and zeros come back as zeros - the single bit pattern not kept is
 the sign of a zero (``-0.0`` loads as ``+0.0``; ``torch.equal`` holds, and no computation can tell).
 Quantizers and ``w * mask`` produce ``-0.0`` all the time, and keeping its sign would cost a second
-mask. Other
-tensors (biases, BatchNorm, neuron parameters) are stored as they are. The file is a plain
-safetensors file with the layout in its JSON metadata: no pickles (:mod:`osbc.fileformat`, shared
-with checkpoints).
+mask. Other tensors (biases, BatchNorm, neuron parameters) are stored as they are. The file is a
+plain safetensors file with the layout in its JSON metadata, no pickles: :mod:`osbc.fileformat`
+writes and reads it, for checkpoints too. Decoding checks the metadata and the stored parts first
+(:func:`check_encoding`): a damaged encoding is an :class:`~osbc.errors.OsbcError`, never other weights.
 
-Core (used by :mod:`osbc.checkpoint` too)::
+Core (what :mod:`osbc.fileformat` stores)::
 
     tensors, meta = encode_state_dict(model.state_dict())
     state = decode_state_dict(tensors, meta)           # == model.state_dict(), bit for bit
