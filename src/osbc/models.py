@@ -67,7 +67,7 @@ class SeqDropout(nn.Module):
     def __init__(self, p: float = 0.5):
         super().__init__()
         if not 0.0 <= p < 1.0:
-            raise ValueError(f"dropout p must be in [0, 1), got {p}")
+            raise OsbcError(f"dropout p must be in [0, 1), got {p}")
         self.p = float(p)
 
     def forward(self, x: Tensor) -> Tensor:
@@ -87,7 +87,7 @@ class Voting(nn.Module):
     def __init__(self, group: int):
         super().__init__()
         if group < 1:
-            raise ValueError(f"voting group must be >= 1, got {group}")
+            raise OsbcError(f"voting group must be >= 1, got {group}")
         self.group = int(group)
 
     def forward(self, x: Tensor) -> Tensor:
@@ -121,7 +121,7 @@ def make_neuron(neuron: str = "lif", tau: float = 2.0, v_threshold: float = 1.0,
         return snn.PLIF(init_tau=tau, decay_input=decay_input, v_threshold=v_threshold, detach_reset=detach_reset)
     if n == "if":
         return snn.IF(v_threshold=v_threshold, detach_reset=detach_reset)
-    raise ValueError(f"neuron must be one of lif, plif, if; got {neuron!r}")
+    raise OsbcError(f"neuron must be one of lif, plif, if; got {neuron!r}")
 
 
 def _shape(in_shape) -> tuple[int, int, int]:
@@ -376,5 +376,5 @@ def default_arch(dataset: str, in_shape: tuple[int, ...], classes: int) -> tuple
     """``(name, kwargs)`` of the paper's model for ``dataset`` at input shape ``in_shape``."""
     name = _DEFAULT_ARCH.get(dataset)
     if name is None:
-        raise ValueError(f"no default model for dataset {dataset!r}")
+        raise OsbcError(f"no default model for dataset {dataset!r}")
     return name, {"in_shape": list(in_shape), "classes": int(classes)}

@@ -220,7 +220,7 @@ def encode_state_dict(state_dict: dict, weight_keys=None) -> tuple[dict[str, Ten
             raise TypeError(f"state entry {k!r} is a {type(v).__name__}, not a tensor; osbc stores tensors only "
                             "(no pickles)")
         if _SEP in k:
-            raise ValueError(f"state key {k!r} contains {_SEP!r}")
+            raise OsbcError(f"state key {k!r} contains {_SEP!r}")
         v = v.detach().cpu()
         if k in keys and v.is_floating_point() and v.dim() >= 1 and v.shape[0] > 0 and v.numel() > 0:
             parts, meta = encode_tensor(v, k)
