@@ -149,3 +149,48 @@ def test_default_arch_per_dataset():
     assert models.default_arch("cifar10dvs", (2, 64, 64), 10)[0] == "cifar10dvs_net"
     with pytest.raises(ValueError):
         models.default_arch("imagenet", (3, 8, 8), 10)
+
+
+@pytest.mark.parametrize("name,kw,culprit", [
+    ("nmnist_mlp", {"hidden": 1000000000}, "hidden"),
+    ("nmnist_mlp", {"hidden": -1}, "hidden"),
+    ("nmnist_mlp", {"hidden": 2.5}, "hidden"),
+    ("nmnist_mlp", {"hidden": True}, "hidden"),
+    ("small_conv", {"channels": "16"}, "channels"),
+    ("dvsgesture_net", {"blocks": 1000}, "blocks"),
+    ("nmnist_mlp", {"in_shape": [2, 10]}, "in_shape"),
+    ("nmnist_mlp", {"in_shape": [2, -10, 10]}, "in_shape"),
+    ("small_conv", {"in_shape": [2, 3, 3]}, "in_shape"),
+    ("dvsgesture_net", {"in_shape": [2, 10, 10]}, "in_shape"),
+    ("nmnist_mlp", {"tau": float("nan")}, "tau"),
+    ("nmnist_mlp", {"tau": 0.5}, "tau"),
+    ("dvsgesture_net", {"dropout": 1.5}, "dropout"),
+    ("nmnist_mlp", {"bias": "yes"}, "bias"),
+    ("nmnist_mlp", {"hidden": 200000}, "hidden=200000"),  # 464M parameters: over the budget
+])
+def test_bad_arguments_are_one_line_errors_before_allocation(name, kw, culprit):
+    from osbc.errors import OsbcError
+
+    with pytest.raises(OsbcError, match=culprit):
+        models.build(name, **kw)
+    with pytest.raises(OsbcError, match=culprit):
+        models.skeleton(name, **kw)
+
+
+def test_skeleton_has_the_shapes_of_build_without_weight_memory():
+    for name in ("nmnist_mlp", "dvsgesture_net", "cifar10dvs_net", "cifar10dvs_net64", "small_conv"):
+        real, meta = models.build(name), models.skeleton(name)
+        sr, sm = real.state_dict(), meta.state_dict()
+        assert list(sr) == list(sm)
+        for k in sr:
+            assert sr[k].shape == sm[k].shape and sr[k].dtype == sm[k].dtype, (name, k)
+        assert meta.fc1.weight.is_meta and meta.osbc_config == real.osbc_config
+
+
+def test_budget_counts_parameters():
+    # just under / over the budget, decided on the meta device (no 1 GiB allocation either way)
+    fc1 = 2 * 4 * 4
+    hidden = models.MAX_PARAMETERS // (fc1 + 10)
+    models.skeleton("nmnist_mlp", in_shape=[2, 4, 4], hidden=hidden)
+    with pytest.raises(ValueError, match="limit"):
+        models.skeleton("nmnist_mlp", in_shape=[2, 4, 4], hidden=hidden + 1)

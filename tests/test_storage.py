@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from osbc import snn, storage
+from osbc.griddetect import bits_of
 from osbc.quant import fit_grid
 
 
@@ -16,7 +17,7 @@ def _same(a: torch.Tensor, b: torch.Tensor) -> bool:
     if a.shape != b.shape or a.dtype != b.dtype:
         return False
     a = torch.where(a == 0, torch.zeros_like(a), a)
-    return torch.equal(storage._bits_of(a), storage._bits_of(b))
+    return torch.equal(bits_of(a), bits_of(b))
 
 
 def _roundtrip(w):

@@ -5,7 +5,8 @@ the safetensors metadata (strings only), everything needed to rebuild it: the ar
 keyword arguments from :func:`osbc.models.build`, the number of frames and the dataset it was
 trained on, and free-form ``info`` (training accuracy, a compression report, ...). Pruned and
 quantized models are stored compactly (sparse masks, integer codes and scales) through
-:mod:`osbc.storage` when that module is available, and load back to the same dense tensors.
+:mod:`osbc.storage`, and load back to the same dense tensors. The file format (shared with
+:func:`osbc.storage.save_compressed`) is :mod:`osbc.fileformat`.
 
 >>> osbc.save(model, "mlp.safetensors", data="digits", frames=10)
 >>> model = osbc.load("mlp.safetensors")
@@ -22,32 +23,16 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from . import fileformat
 from . import models as _models
 from .atomic import atomic_write  # re-exported: the CLI and plot write through it
+from .errors import OsbcError
 
-__all__ = ["save", "load", "read_meta", "atomic_write", "FORMAT", "VERSION"]
+__all__ = ["save", "load", "read_meta", "atomic_write", "FORMAT", "VERSION", "MAX_FRAMES"]
 
 FORMAT = "osbc-checkpoint"
 VERSION = "1"
-
-
-def _storage():
-    try:
-        from . import storage
-    except ImportError:
-        return None
-    if hasattr(storage, "encode_state_dict") and hasattr(storage, "decode_state_dict"):
-        return storage
-    return None
-
-
-def _plain_tensors(state: dict) -> dict:
-    out = {}
-    for k, v in state.items():
-        if not isinstance(v, torch.Tensor):
-            continue
-        out[k] = v.detach().to("cpu").contiguous().clone()
-    return out
+MAX_FRAMES = 10_000  # time steps a checkpoint may ask for: the CLI allocates [frames, batch, C, H, W] inputs
 
 
 def save(model: nn.Module, path: str | os.PathLike, *, data: str | None = None, frames: int | None = None,
@@ -55,99 +40,80 @@ def save(model: nn.Module, path: str | os.PathLike, *, data: str | None = None, 
     """Write ``model`` to ``path`` (a ``.safetensors`` file) atomically: the file appears complete or
     not at all. The architecture comes from ``model.osbc_config`` (set by :func:`osbc.models.build`
     and kept by :func:`load`); ``data``/``frames`` default to the values recorded there.
-    ``compact=True`` stores zeros and quantized weights compactly (via :mod:`osbc.storage`)."""
+    ``compact=True`` stores zeros and quantized weights compactly (via :mod:`osbc.storage`); every
+    stored tensor gets a content hash that :func:`load` checks."""
     path = Path(path)
     cfg = getattr(model, "osbc_config", None) or {}
     if "arch" not in cfg:
-        raise ValueError("this model was not built by osbc.models.build, so a checkpoint could not rebuild it; "
-                         "build it by name or register its builder with osbc.models.register")
+        raise OsbcError("this model was not built by osbc.models.build, so a checkpoint could not rebuild it; "
+                        "build it by name or register its builder with osbc.models.register")
     if not path.parent.exists() and str(path.parent) not in ("", "."):
         raise FileNotFoundError(f"directory {path.parent} does not exist")
     if path.is_dir():
-        raise ValueError(f"{path} is a directory, not a checkpoint file")
+        raise OsbcError(f"{path} is a directory, not a checkpoint file")
     data = data if data is not None else cfg.get("data")
     frames = frames if frames is not None else cfg.get("frames")
     info = dict(cfg.get("info") or {}, **(info or {}))
+    fields = {"format": FORMAT, "version": VERSION, "arch": cfg["arch"],
+              "kwargs": json.dumps(cfg.get("kwargs", {})),
+              "data": "" if data is None else str(data),
+              "frames": "" if frames is None else str(int(frames)),
+              "info": json.dumps(info, default=str)}
+    state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    # compact=False: the same file, every entry stored as it is (no weight keys to encode)
+    return fileformat.write(path, state, None if compact else [], fields)
 
-    state = model.state_dict()
-    meta = {"format": FORMAT, "version": VERSION, "arch": cfg["arch"],
-            "kwargs": json.dumps(cfg.get("kwargs", {})),
-            "data": "" if data is None else str(data),
-            "frames": "" if frames is None else str(int(frames)),
-            "info": json.dumps(info, default=str)}
-    storage = _storage() if compact else None
-    if storage is not None:
-        tensors, smeta = storage.encode_state_dict({k: v.detach().cpu() for k, v in state.items()})
-        tensors = _plain_tensors(tensors)
-        meta["storage"] = json.dumps(smeta)
-    else:
-        tensors = _plain_tensors(state)
 
-    import safetensors.torch
-
-    return atomic_write(path, lambda tmp: safetensors.torch.save_file(tensors, tmp, metadata=meta))
+def _meta(h: fileformat.Header) -> dict:
+    """The checkpoint fields of header ``h``, each checked: type, range, JSON shape."""
+    raw, path = h.meta, h.path
+    if raw.get("format") != FORMAT:
+        raise OsbcError(f"{path} is a safetensors file but not an osbc checkpoint (no osbc metadata)")
+    version = raw.get("version", "")
+    if version not in ("", VERSION):
+        raise OsbcError(f"{path}: checkpoint version {version!r} is not one this osbc reads ({VERSION}); "
+                        "upgrade osbc")
+    arch = raw.get("arch")
+    if not arch or len(arch) > 200:
+        raise OsbcError(f"{path}: damaged osbc metadata: arch {arch!r} is not an architecture name")
+    frames = raw.get("frames") or None
+    if frames is not None:
+        if not (frames.isascii() and frames.isdigit() and len(frames) <= 6 and 1 <= int(frames) <= MAX_FRAMES):
+            raise OsbcError(f"{path}: damaged osbc metadata: frames={frames!r} is not a count in 1..{MAX_FRAMES}")
+        frames = int(frames)
+    return {"format": FORMAT, "version": version, "arch": arch,
+            "kwargs": fileformat.parse_json(path, "kwargs", raw.get("kwargs") or "{}", dict),
+            "data": raw.get("data") or None, "frames": frames,
+            "info": fileformat.parse_json(path, "info", raw.get("info") or "{}", dict)}
 
 
 def read_meta(path: str | os.PathLike) -> dict:
-    """The checkpoint's metadata, decoded: ``arch``, ``kwargs``, ``data``, ``frames``, ``info``
-    (and ``storage`` for compactly stored models). Raises FileNotFoundError / ValueError."""
-    path = Path(path)
-    if not path.exists():
-        raise FileNotFoundError(f"no such checkpoint: {path}")
-    if path.is_dir():
-        raise ValueError(f"{path} is a directory, not a checkpoint file")
-    from safetensors import safe_open
-
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            raw = f.metadata() or {}
-    except Exception as e:  # noqa: BLE001 - safetensors raises its own error types for bad files
-        raise ValueError(f"{path} is not a safetensors checkpoint ({e})") from None
-    if raw.get("format") != FORMAT:
-        raise ValueError(f"{path} is a safetensors file but not an osbc checkpoint (no osbc metadata)")
-    try:
-        meta = {"format": raw["format"], "version": raw.get("version", ""), "arch": raw["arch"],
-                "kwargs": json.loads(raw.get("kwargs") or "{}"),
-                "data": raw.get("data") or None,
-                "frames": int(raw["frames"]) if raw.get("frames") else None,
-                "info": json.loads(raw.get("info") or "{}")}
-        if raw.get("storage"):
-            meta["storage"] = json.loads(raw["storage"])
-    except (KeyError, ValueError) as e:
-        raise ValueError(f"{path}: damaged osbc metadata ({e})") from None
-    return meta
+    """The checkpoint's metadata, decoded and checked: ``arch``, ``kwargs``, ``data``, ``frames``,
+    ``info``. Raises FileNotFoundError, or :class:`~osbc.errors.OsbcError` naming the field."""
+    return _meta(fileformat.read_header(path))
 
 
 def load(path: str | os.PathLike, *, device: str | torch.device = "cpu", model: nn.Module | None = None) -> nn.Module:
     """Rebuild the model stored at ``path`` (no pickles) and load its state; returns it in eval mode
     on ``device``. ``model.osbc_config`` holds ``arch``, ``kwargs``, ``data``, ``frames``, ``info``.
-    Pass ``model`` to load the state into an existing module instead of rebuilding one."""
-    path = Path(path)
-    meta = read_meta(path)
-    if model is None:
-        try:
-            model = _models.build(meta["arch"], **meta["kwargs"])
-        except (TypeError, ValueError) as e:
-            raise ValueError(f"{path}: cannot rebuild model {meta['arch']!r} ({e})") from None
-    from safetensors.torch import load_file
+    Pass ``model`` to load the state into an existing module instead of rebuilding one.
 
-    try:
-        tensors = load_file(str(path))
-    except Exception as e:  # noqa: BLE001
-        raise ValueError(f"{path}: cannot read tensors ({e})") from None
-    if "storage" in meta:
-        storage = _storage()
-        if storage is None:
-            raise ValueError(f"{path} is stored compactly but osbc.storage is not available")
-        state = storage.decode_state_dict(tensors, meta["storage"])
-    else:
-        state = tensors
-    try:
-        model.load_state_dict(state, strict=True)
-    except RuntimeError as e:
-        first = str(e).strip().splitlines()
-        raise ValueError(f"{path}: the stored tensors do not fit model {meta['arch']!r}: "
-                         f"{' '.join(s.strip() for s in first[:3])}") from None
+    Nothing in the file is trusted: the architecture is first built on the ``meta`` device and
+    every stored tensor's shape and dtype compared with it, content hashes are checked, and any
+    problem raises :class:`~osbc.errors.OsbcError` naming the file and the tensor or field."""
+    h = fileformat.read_header(path)
+    meta = _meta(h)
+    target = model
+    if target is None:
+        try:
+            target = _models.skeleton(meta["arch"], **meta["kwargs"])
+        except (TypeError, ValueError) as e:
+            raise OsbcError(f"{h.path}: cannot rebuild model {meta['arch']!r} ({e})") from None
+    expect = {k: (v.dtype, tuple(v.shape)) for k, v in target.state_dict().items()}
+    state = fileformat.read_state(h, expect)
+    if model is None:
+        model = _models.build(meta["arch"], **meta["kwargs"])
+    model.load_state_dict(state, strict=True)
     model.osbc_config = {"arch": meta["arch"], "kwargs": meta["kwargs"], "data": meta["data"],
                          "frames": meta["frames"], "info": meta["info"]}
     return model.to(device).eval()

@@ -17,6 +17,7 @@ Registered names (:func:`available`): ``nmnist_mlp``, ``dvsgesture_net``, ``cifa
 
 from __future__ import annotations
 
+import contextvars
 import copy
 import inspect
 import math
@@ -27,9 +28,24 @@ import torch
 from torch import Tensor, nn
 
 from . import snn
+from .errors import OsbcError
 
-__all__ = ["SeqToANN", "SeqDropout", "Voting", "SpikingNet", "build", "register", "available", "config_of",
-           "nmnist_mlp", "dvsgesture_net", "cifar10dvs_net", "small_conv", "default_arch"]
+__all__ = ["SeqToANN", "SeqDropout", "Voting", "SpikingNet", "build", "skeleton", "register", "available",
+           "config_of", "nmnist_mlp", "dvsgesture_net", "cifar10dvs_net", "small_conv", "default_arch",
+           "MAX_PARAMETERS"]
+
+# The largest model build() makes: 2^28 parameters and buffers (1 GiB as float32), 60x the paper's
+# biggest network. Anything larger is a typo or a hostile checkpoint, not an SNN to compress.
+MAX_PARAMETERS = 1 << 28
+_MAX_SIZE = 1 << 24   # any single size argument (channels, hidden, a side of in_shape, ...)
+
+# Where the built-in architectures put their weight layers (Linear, Conv, BatchNorm): None = torch's
+# default; "meta" inside skeleton(), so shapes can be checked before any memory is allocated.
+_LAYER_DEVICE: contextvars.ContextVar = contextvars.ContextVar("osbc_layer_device", default=None)
+
+
+def _dev():
+    return _LAYER_DEVICE.get()
 
 
 # ---- building blocks --------------------------------------------------------------------------
@@ -51,7 +67,7 @@ class SeqDropout(nn.Module):
     def __init__(self, p: float = 0.5):
         super().__init__()
         if not 0.0 <= p < 1.0:
-            raise ValueError(f"dropout p must be in [0, 1), got {p}")
+            raise OsbcError(f"dropout p must be in [0, 1), got {p}")
         self.p = float(p)
 
     def forward(self, x: Tensor) -> Tensor:
@@ -71,7 +87,7 @@ class Voting(nn.Module):
     def __init__(self, group: int):
         super().__init__()
         if group < 1:
-            raise ValueError(f"voting group must be >= 1, got {group}")
+            raise OsbcError(f"voting group must be >= 1, got {group}")
         self.group = int(group)
 
     def forward(self, x: Tensor) -> Tensor:
@@ -105,21 +121,25 @@ def make_neuron(neuron: str = "lif", tau: float = 2.0, v_threshold: float = 1.0,
         return snn.PLIF(init_tau=tau, decay_input=decay_input, v_threshold=v_threshold, detach_reset=detach_reset)
     if n == "if":
         return snn.IF(v_threshold=v_threshold, detach_reset=detach_reset)
-    raise ValueError(f"neuron must be one of lif, plif, if; got {neuron!r}")
+    raise OsbcError(f"neuron must be one of lif, plif, if; got {neuron!r}")
 
 
 def _shape(in_shape) -> tuple[int, int, int]:
-    s = tuple(int(v) for v in in_shape)
-    if len(s) != 3 or min(s) < 1:
-        raise ValueError(f"in_shape must be (channels, height, width) with positive sizes, got {in_shape!r}")
-    return s
+    ok = isinstance(in_shape, (list, tuple)) and len(in_shape) == 3
+    if ok:
+        ok = all(isinstance(v, int) and not isinstance(v, bool) and 1 <= v <= _MAX_SIZE for v in in_shape)
+    if not ok:
+        raise OsbcError(f"in_shape must be (channels, height, width) with integer sizes in 1..{_MAX_SIZE}, "
+                        f"got {in_shape!r}")
+    return tuple(in_shape)
 
 
 def _conv_blocks(c_in: int, channels: int, blocks: int, neuron: dict) -> list[tuple[str, nn.Module]]:
     layers: list[tuple[str, nn.Module]] = []
     for i in range(1, blocks + 1):
-        layers += [(f"conv{i}", SeqToANN(nn.Conv2d(c_in if i == 1 else channels, channels, 3, padding=1, bias=False),
-                                         nn.BatchNorm2d(channels))),
+        layers += [(f"conv{i}", SeqToANN(nn.Conv2d(c_in if i == 1 else channels, channels, 3, padding=1, bias=False,
+                                                   device=_dev()),
+                                         nn.BatchNorm2d(channels, device=_dev()))),
                    (f"sn{i}", make_neuron(**neuron)),
                    (f"pool{i}", SeqToANN(nn.MaxPool2d(2)))]
     return layers
@@ -129,8 +149,8 @@ def _head(feat: int, hidden: int, out: int, vote: int, dropout: float | None, ne
     layers = [("flatten", nn.Flatten(2))]
     if dropout:
         layers.append(("dropout", SeqDropout(dropout)))
-    layers += [("fc1", nn.Linear(feat, hidden, bias=False)), ("sn_fc1", make_neuron(**neuron)),
-               ("fc2", nn.Linear(hidden, out * vote, bias=False)), ("sn_fc2", make_neuron(**neuron))]
+    layers += [("fc1", nn.Linear(feat, hidden, bias=False, device=_dev())), ("sn_fc1", make_neuron(**neuron)),
+               ("fc2", nn.Linear(hidden, out * vote, bias=False, device=_dev())), ("sn_fc2", make_neuron(**neuron))]
     if vote > 1:
         layers.append(("vote", Voting(vote)))
     return layers
@@ -141,7 +161,8 @@ def _pooled(size: int, blocks: int, name: str) -> int:
     for _ in range(blocks):
         out //= 2
     if out < 1:
-        raise ValueError(f"{name}: an input of {size} pixels is too small for {blocks} pooling stages")
+        raise OsbcError(f"{name}: in_shape: an input of {size} pixels is too small for {blocks} pooling stages; "
+                        f"use at least {2 ** blocks}")
     return out
 
 
@@ -152,8 +173,8 @@ def nmnist_mlp(in_shape=(2, 34, 34), hidden: int = 256, classes: int = 10, neuro
     """The paper's N-MNIST network: Flatten, Linear(2312->256), LIF, Linear(256->10), LIF (no bias)."""
     s = _shape(in_shape)
     nk = dict(neuron=neuron, tau=tau)
-    return SpikingNet([("flatten", nn.Flatten(2)), ("fc1", nn.Linear(math.prod(s), hidden, bias=bias)),
-                       ("sn1", make_neuron(**nk)), ("fc2", nn.Linear(hidden, classes, bias=bias)),
+    return SpikingNet([("flatten", nn.Flatten(2)), ("fc1", nn.Linear(math.prod(s), hidden, bias=bias, device=_dev())),
+                       ("sn1", make_neuron(**nk)), ("fc2", nn.Linear(hidden, classes, bias=bias, device=_dev())),
                        ("sn2", make_neuron(**nk))], in_shape=s)
 
 
@@ -197,9 +218,11 @@ def small_conv(in_shape=(2, 34, 34), channels: int = 16, hidden: int = 128, clas
     nk = dict(neuron=neuron, tau=tau)
     c2 = 2 * channels
     feat = c2 * _pooled(h, 2, "small_conv") * _pooled(w, 2, "small_conv")
-    layers = [("conv1", SeqToANN(nn.Conv2d(c, channels, 3, padding=1, bias=False), nn.BatchNorm2d(channels))),
+    layers = [("conv1", SeqToANN(nn.Conv2d(c, channels, 3, padding=1, bias=False, device=_dev()),
+                                 nn.BatchNorm2d(channels, device=_dev()))),
               ("sn1", make_neuron(**nk)), ("pool1", SeqToANN(nn.MaxPool2d(2))),
-              ("conv2", SeqToANN(nn.Conv2d(channels, c2, 3, padding=1, bias=False), nn.BatchNorm2d(c2))),
+              ("conv2", SeqToANN(nn.Conv2d(channels, c2, 3, padding=1, bias=False, device=_dev()),
+                                 nn.BatchNorm2d(c2, device=_dev()))),
               ("sn2", make_neuron(**nk)), ("pool2", SeqToANN(nn.MaxPool2d(2)))]
     layers += _head(feat, hidden, classes, 1, None, nk)
     return SpikingNet(layers, in_shape=(c, h, w))
@@ -208,6 +231,7 @@ def small_conv(in_shape=(2, 34, 34), channels: int = 16, hidden: int = 128, clas
 # ---- registry ---------------------------------------------------------------------------------
 
 _REGISTRY: dict[str, Callable[..., nn.Module]] = {}
+_BUILTIN: set[str] = set()  # osbc's own architectures: arguments checked, shapes built on the meta device
 
 
 def register(name: str, builder: Callable[..., nn.Module] | None = None):
@@ -215,12 +239,14 @@ def register(name: str, builder: Callable[..., nn.Module] | None = None):
     Keyword arguments must be JSON-serialisable so checkpoints can record them."""
     def deco(fn):
         _REGISTRY[name] = fn
+        _BUILTIN.discard(name)
         return fn
     return deco(builder) if builder is not None else deco
 
 
 for _fn in (nmnist_mlp, dvsgesture_net, cifar10dvs_net, cifar10dvs_net64, small_conv):
     register(_fn.__name__, _fn)
+    _BUILTIN.add(_fn.__name__)
 
 
 def available() -> list[str]:
@@ -237,23 +263,100 @@ def _jsonable(v):
         return v.tolist()
     if v is None or isinstance(v, (bool, int, float, str)):
         return v
-    raise ValueError(f"model argument {v!r} of type {type(v).__name__} cannot be recorded in a checkpoint")
+    raise OsbcError(f"model argument {v!r} of type {type(v).__name__} cannot be recorded in a checkpoint")
 
 
-def build(name: str, **kwargs) -> nn.Module:
-    """Build a registered architecture by name; the name and arguments are stored on the model as
-    ``model.osbc_config = {"arch": name, "kwargs": {...}}``."""
-    if name not in _REGISTRY:
-        raise ValueError(f"unknown model {name!r}; choose one of {', '.join(available())}")
+def _is_real(v) -> bool:
+    if not isinstance(v, (int, float)) or isinstance(v, bool):
+        return False
+    try:
+        return math.isfinite(v)
+    except OverflowError:  # an int beyond float range
+        return False
+
+
+def _check_builtin_args(name: str, kwargs: dict) -> None:
+    """Types and ranges of the built-in architectures' arguments (a checkpoint's metadata or the
+    command line can hold anything); the parameter budget is checked on the built skeleton."""
+    def bad(arg, want):
+        raise OsbcError(f"model {name!r}: argument {arg}={kwargs[arg]!r} is invalid; {want}")
+
+    for arg, v in kwargs.items():
+        if arg == "in_shape":
+            _shape(v)
+        elif arg in ("hidden", "channels", "classes", "vote", "blocks"):
+            if v is None and arg == "hidden" and name.startswith("cifar10dvs"):
+                continue
+            top = 32 if arg == "blocks" else _MAX_SIZE
+            if not (isinstance(v, int) and not isinstance(v, bool) and 1 <= v <= top):
+                bad(arg, f"use an integer in 1..{top}")
+        elif arg == "tau":
+            if not _is_real(v):
+                bad(arg, "use a finite number")
+        elif arg == "dropout":
+            if not (v is None or (_is_real(v) and 0 <= v < 1)):
+                bad(arg, "use a number in [0, 1)")
+        elif arg == "neuron":
+            if not isinstance(v, str):
+                bad(arg, "use one of lif, plif, if")
+        elif arg == "bias":
+            if not isinstance(v, bool):
+                bad(arg, "use true or false")
+
+
+def _check_call(name, kwargs: dict) -> Callable[..., nn.Module]:
+    if not isinstance(name, str) or name not in _REGISTRY:
+        raise OsbcError(f"unknown model {name!r}; choose one of {', '.join(available())}")
     fn = _REGISTRY[name]
     sig = inspect.signature(fn)
     if not any(p.kind is p.VAR_KEYWORD for p in sig.parameters.values()):
         bad = sorted(set(kwargs) - set(sig.parameters))
         if bad:
-            raise ValueError(f"model {name!r} has no argument(s) {', '.join(bad)}; "
-                             f"it takes {', '.join(sig.parameters)}")
+            raise OsbcError(f"model {name!r} has no argument(s) {', '.join(bad)}; "
+                            f"it takes {', '.join(sig.parameters)}")
+    if name in _BUILTIN:
+        _check_builtin_args(name, kwargs)
+    return fn
+
+
+def _make(name: str, fn, kwargs: dict, meta: bool) -> nn.Module:
+    token = _LAYER_DEVICE.set("meta" if meta else None)
+    try:
+        model = fn(**kwargs)
+    except OsbcError:
+        raise
+    except (TypeError, ValueError) as e:
+        raise OsbcError(f"cannot build model {name!r}: {e}") from None
+    finally:
+        _LAYER_DEVICE.reset(token)
+    n = sum(t.numel() for t in model.state_dict().values())
+    if n > MAX_PARAMETERS:
+        args = ", ".join(f"{k}={v!r}" for k, v in kwargs.items())
+        raise OsbcError(f"model {name!r} ({args}) would hold {n:,} parameters, over osbc's limit of "
+                        f"{MAX_PARAMETERS:,}; use smaller sizes")
+    return model
+
+
+def skeleton(name: str, **kwargs) -> nn.Module:
+    """The model :func:`build` would return, with the built-in architectures' weight layers on the
+    ``meta`` device: every parameter's shape and dtype, no memory. Raises the same errors as
+    :func:`build`. Builders added with :func:`register` are built for real."""
+    fn = _check_call(name, kwargs)
+    model = _make(name, fn, kwargs, meta=name in _BUILTIN)
+    model.osbc_config = {"arch": name, "kwargs": _jsonable(kwargs)}
+    return model
+
+
+def build(name: str, **kwargs) -> nn.Module:
+    """Build a registered architecture by name; the name and arguments are stored on the model as
+    ``model.osbc_config = {"arch": name, "kwargs": {...}}``. Bad arguments (wrong type, not
+    positive, an input too small for the pooling stages, a model over :data:`MAX_PARAMETERS`)
+    raise :class:`~osbc.errors.OsbcError` before any weight memory is allocated."""
+    fn = _check_call(name, kwargs)
     recorded = _jsonable(kwargs)
-    model = fn(**kwargs)
+    if name in _BUILTIN:
+        _make(name, fn, kwargs, meta=True)  # the budget, checked without allocating
+    model = _make(name, fn, kwargs, meta=False)
     model.osbc_config = {"arch": name, "kwargs": recorded}
     return model
 
@@ -273,5 +376,5 @@ def default_arch(dataset: str, in_shape: tuple[int, ...], classes: int) -> tuple
     """``(name, kwargs)`` of the paper's model for ``dataset`` at input shape ``in_shape``."""
     name = _DEFAULT_ARCH.get(dataset)
     if name is None:
-        raise ValueError(f"no default model for dataset {dataset!r}")
+        raise OsbcError(f"no default model for dataset {dataset!r}")
     return name, {"in_shape": list(in_shape), "classes": int(classes)}

@@ -16,11 +16,12 @@ round trip is exact: every nonzero weight comes back with its exact bit pattern 
 any grid simply stay in float), and zeros come back as zeros - the single bit pattern not kept is
 the sign of a zero (``-0.0`` loads as ``+0.0``; ``torch.equal`` holds, and no computation can tell).
 Quantizers and ``w * mask`` produce ``-0.0`` all the time, and keeping its sign would cost a second
-mask. Other
-tensors (biases, BatchNorm, neuron parameters) are stored as they are. The file is a plain
-safetensors file with the layout in its JSON metadata: no pickles.
+mask. Other tensors (biases, BatchNorm, neuron parameters) are stored as they are. The file is a
+plain safetensors file with the layout in its JSON metadata, no pickles: :mod:`osbc.fileformat`
+writes and reads it, for checkpoints too. Decoding checks the metadata and the stored parts first
+(:func:`check_encoding`): a damaged encoding is an :class:`~osbc.errors.OsbcError`, never other weights.
 
-Core (used by :mod:`osbc.checkpoint` too)::
+Core (what :mod:`osbc.fileformat` stores)::
 
     tensors, meta = encode_state_dict(model.state_dict())
     state = decode_state_dict(tensors, meta)           # == model.state_dict(), bit for bit
@@ -44,23 +45,25 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-__all__ = ["encode_state_dict", "decode_state_dict", "save_compressed", "load_compressed", "read_compressed",
-           "size_report", "format_size_report", "encode_tensor", "decode_tensor", "FORMAT", "VERSION"]
+from .errors import OsbcError
+from .griddetect import MAX_BITS, detect_grid
+from .layers import WEIGHT_LAYERS
+
+__all__ = ["encode_state_dict", "decode_state_dict", "check_encoding", "save_compressed", "load_compressed",
+           "read_compressed", "size_report", "format_size_report", "encode_tensor", "decode_tensor", "FORMAT",
+           "VERSION", "MAX_ELEMENTS"]
 
 FORMAT = "osbc-compact"
 VERSION = 1
 _SEP = "::"  # separates a state-dict key from the part of its encoding (never in torch names)
-_MAX_BITS = 8
-_INT_VIEW = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
-_COMPRESSIBLE = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
+_FLOATS = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "float64": torch.float64}
+_INDEX_TYPES = (torch.uint8, torch.int16, torch.int32, torch.int64)
+# The most elements a stored state may decode to when no model says what to expect: 2^28 (1 GiB as
+# float32), as osbc.models.MAX_PARAMETERS. A CSR entry's shape is not bounded by the file's size.
+MAX_ELEMENTS = 1 << 28
 
 
 # ---- bit-level helpers -------------------------------------------------------------------------
-
-def _bits_of(t: Tensor) -> Tensor:
-    """The raw bit patterns of ``t`` as integers of the same width (for exact comparisons)."""
-    return t.contiguous().view(_INT_VIEW[t.element_size()])
-
 
 def _pack(values: np.ndarray, bits: int) -> np.ndarray:
     """Pack unsigned integers ``< 2^bits`` into ``ceil(n * bits / 8)`` bytes (little-endian bits)."""
@@ -93,117 +96,6 @@ def _nbytes(n: int, dtype: torch.dtype) -> int:
     return n * torch.empty(0, dtype=dtype).element_size()
 
 
-# ---- grid detection ------------------------------------------------------------------------------
-
-def _code_bits(cmin: int, cmax: int) -> int:
-    """Two's-complement width holding codes in [cmin, cmax]."""
-    b = 1
-    while not (-(1 << (b - 1)) <= cmin and cmax <= (1 << (b - 1)) - 1):
-        b += 1
-    return b
-
-
-def _exact_scales(codes: Tensor, vals: Tensor, rows: Tensor, R: int, nz_rows: Tensor) -> Tensor | None:
-    """float32 scales ``s[r]`` with ``float32(code * s[row]) == value`` bit for bit for every stored
-    entry, searched around ``value / code`` of each row's largest code; None when none exists."""
-    dt = vals.dtype
-    absc = codes.abs().to(torch.float64)
-    # per row, the entry with the largest |code| gives the most precise ratio value / code
-    best = torch.full((R,), -1.0, dtype=torch.float64).scatter_reduce(0, rows, absc, "amax")
-    is_best = absc == best[rows]
-    idx = torch.arange(codes.numel())
-    pick = torch.zeros(R, dtype=torch.long).scatter_reduce(0, rows[is_best], idx[is_best], "amax",
-                                                           include_self=False)
-    base = (vals.to(torch.float64)[pick] / codes.to(torch.float64)[pick]).to(torch.float32)
-    base = torch.where(nz_rows, base, torch.ones_like(base))
-    scales = base.clone()
-    ok = torch.zeros(R, dtype=torch.bool)
-    target = _bits_of(vals)
-    cf = codes.to(torch.float32)
-    for step in (0, 1, -1, 2, -2, 3, -3, 4, -4):
-        cand = base
-        direction = torch.full_like(base, math.inf if step > 0 else -math.inf)
-        for _ in range(abs(step)):
-            cand = torch.nextafter(cand, direction)
-        dec = (cf * cand[rows]).to(dt)
-        good_entry = _bits_of(dec) == target
-        bad_rows = torch.zeros(R, dtype=torch.bool).index_put_((rows[~good_entry],), torch.tensor(True))
-        newly = ~bad_rows & ~ok
-        scales = torch.where(newly, cand, scales)
-        ok |= newly
-        if bool(ok.all()):
-            return scales
-    return None
-
-
-def _detect_grid(W2: Tensor, mask: Tensor):
-    """If the stored entries ``W2[mask]`` (rows of ``W2`` = output channels) lie on a symmetric
-    integer grid per row of at most 8 bits, return ``(codes int8 [nnz], scales float32 [R or 1],
-    bits)`` reproducing them bit for bit; else None."""
-    if W2.dtype not in (torch.float32, torch.float16, torch.bfloat16):
-        return None
-    R, C = W2.shape
-    vals = W2[mask]
-    if vals.numel() == 0 or not torch.isfinite(vals).all():
-        return None  # nothing to gain / non-finite values stay float
-    rows = torch.nonzero(mask, as_tuple=True)[0]
-    v64 = vals.to(torch.float64)
-    a = v64.abs()
-    amax = torch.zeros(R, dtype=torch.float64).scatter_reduce(0, rows, a, "amax", include_self=False)
-    amin = torch.full((R,), math.inf, dtype=torch.float64).scatter_reduce(0, rows, a, "amin", include_self=True)
-    nz_rows = amax > 0
-    ratio = torch.where(nz_rows, amax / torch.where(nz_rows, amin, torch.ones_like(amin)), torch.ones_like(amax))
-    qlim = 1 << (_MAX_BITS - 1)
-    if bool((ratio > qlim + 0.5).any()):
-        return None  # values span more than 8 bits' range in some row
-    # The smallest |value| of a row is k * scale for a small integer k: try k = 1, 2, ... and keep
-    # the first (largest) scale for which every value of the row is an integer multiple.
-    scale = torch.zeros(R, dtype=torch.float64)
-    found = ~nz_rows
-    tol = 1e-3
-    for k in range(1, qlim + 1):
-        kr = k * ratio
-        cand = ~found & ((kr - kr.round()).abs() < tol * k) & (kr.round() <= qlim)
-        if not bool(cand.any()):
-            continue
-        s = torch.where(cand, amin / k, torch.ones_like(amin))
-        x = v64 / s[rows]
-        bad = (x - x.round()).abs() >= tol
-        bad_rows = torch.zeros(R, dtype=torch.bool).index_put_((rows[bad],), torch.tensor(True))
-        good = cand & ~bad_rows
-        scale = torch.where(good, s, scale)
-        found |= good
-        if bool(found.all()):
-            break
-    if not bool(found.all()):
-        return None
-    scale = torch.where(nz_rows, scale, torch.ones_like(scale))
-    codes = (v64 / scale[rows]).round()
-    if codes.numel() and (codes.abs().max() > qlim):
-        return None
-    # One scale for the whole layer when every row's codes stay in range with the smallest scale.
-    layer_codes = None
-    smin = scale[nz_rows].min()
-    lc = v64 / smin
-    if bool(((lc - lc.round()).abs() < tol).all()) and lc.round().abs().max() <= qlim - 1:
-        layer_codes = lc.round().to(torch.int64)
-    for codes_try, per_layer in ((layer_codes, True), (codes.to(torch.int64), False)):
-        if codes_try is None:
-            continue
-        if per_layer:
-            s = _exact_scales(codes_try, vals, torch.zeros_like(rows), 1, torch.ones(1, dtype=torch.bool))
-        else:
-            s = _exact_scales(codes_try, vals, rows, R, nz_rows)
-        if s is None:
-            continue
-        cmin, cmax = int(codes_try.min()), int(codes_try.max())
-        bits = _code_bits(cmin, cmax)
-        if bits > _MAX_BITS:
-            continue
-        return codes_try.to(torch.int8), s, bits
-    return None
-
-
 # ---- one tensor ----------------------------------------------------------------------------------
 
 def encode_tensor(t: Tensor, key: str = "w") -> tuple[dict[str, Tensor], dict]:
@@ -219,7 +111,7 @@ def encode_tensor(t: Tensor, key: str = "w") -> tuple[dict[str, Tensor], dict]:
     itemsize = t.element_size()
     numel = t.numel()
 
-    grid = _detect_grid(W2, mask) if nnz else None
+    grid = detect_grid(W2, mask) if nnz else None
     ptr_dtype = _index_dtype(nnz + 1)
     col_dtype = _index_dtype(C)
     layouts = {
@@ -268,7 +160,7 @@ def encode_tensor(t: Tensor, key: str = "w") -> tuple[dict[str, Tensor], dict]:
 def decode_tensor(parts: dict[str, Tensor], meta: dict, key: str = "w") -> Tensor:
     """Inverse of :func:`encode_tensor`."""
     shape = meta["shape"]
-    dtype = getattr(torch, meta["dtype"])
+    dtype = _FLOATS[meta["dtype"]]
     numel = math.prod(shape)
     R = shape[0] if shape else 1
     C = numel // R if R else 0
@@ -287,7 +179,7 @@ def decode_tensor(parts: dict[str, Tensor], meta: dict, key: str = "w") -> Tenso
         pos = rows * C + cols
         n = nnz
     else:
-        raise ValueError(f"unknown layout {layout!r}")
+        raise OsbcError(f"{key}: unknown layout {layout!r}")
     if kind == "float":
         vals = parts[f"{key}{_SEP}values"].to(dtype)
     elif kind == "int":
@@ -299,7 +191,7 @@ def decode_tensor(parts: dict[str, Tensor], meta: dict, key: str = "w") -> Tenso
         s = scales if scales.numel() == 1 else scales[row_of]
         vals = (codes.to(torch.float32) * s).to(dtype)
     else:
-        raise ValueError(f"unknown value kind {kind!r}")
+        raise OsbcError(f"{key}: unknown value kind {kind!r}")
     if pos is None:
         return vals.reshape(shape).clone()
     out = torch.zeros(numel, dtype=dtype)
@@ -328,7 +220,7 @@ def encode_state_dict(state_dict: dict, weight_keys=None) -> tuple[dict[str, Ten
             raise TypeError(f"state entry {k!r} is a {type(v).__name__}, not a tensor; osbc stores tensors only "
                             "(no pickles)")
         if _SEP in k:
-            raise ValueError(f"state key {k!r} contains {_SEP!r}")
+            raise OsbcError(f"state key {k!r} contains {_SEP!r}")
         v = v.detach().cpu()
         if k in keys and v.is_floating_point() and v.dim() >= 1 and v.shape[0] > 0 and v.numel() > 0:
             parts, meta = encode_tensor(v, k)
@@ -340,74 +232,186 @@ def encode_state_dict(state_dict: dict, weight_keys=None) -> tuple[dict[str, Ten
     return tensors, {"format": FORMAT, "version": VERSION, "entries": entries}
 
 
+def _bad(key: str, what: str) -> OsbcError:
+    return OsbcError(f"tensor {key!r}: {what}")
+
+
+def _count(v, lo: int, hi: int) -> bool:
+    return type(v) is int and lo <= v <= hi
+
+
+def _sparse_parts(key: str, e: dict) -> dict[str, tuple[tuple, tuple[int, ...]]]:
+    """Check a ``sparse`` entry's fields; return the parts it needs: name -> (allowed dtypes,
+    allowed lengths)."""
+    shape = e.get("shape")
+    if not (isinstance(shape, list) and 1 <= len(shape) <= 8 and all(_count(v, 0, MAX_ELEMENTS) for v in shape)):
+        raise _bad(key, f"shape {shape!r} is not a list of 1 to 8 sizes in 0..{MAX_ELEMENTS:,}")
+    numel = math.prod(shape)
+    if shape[0] < 1 or not 1 <= numel <= MAX_ELEMENTS:
+        raise _bad(key, f"shape {shape} holds {numel:,} elements, outside 1..{MAX_ELEMENTS:,}")
+    dtype = _FLOATS.get(e.get("dtype")) if isinstance(e.get("dtype"), str) else None
+    if dtype is None:
+        raise _bad(key, f"dtype {e.get('dtype')!r} is not one of {', '.join(_FLOATS)}")
+    layout, kind, nnz = e.get("layout"), e.get("values"), e.get("nnz")
+    if layout not in ("dense", "bitmask", "csr"):
+        raise _bad(key, f"unknown layout {layout!r}")
+    if kind not in ("float", "int"):
+        raise _bad(key, f"unknown value kind {kind!r}")
+    if not _count(nnz, 0, numel):
+        raise _bad(key, f"nnz {nnz!r} is not a count in 0..{numel}")
+    R = shape[0]
+    n = numel if layout == "dense" else nnz
+    parts = {}
+    if layout == "bitmask":
+        parts["mask"] = ((torch.uint8,), ((numel + 7) // 8,))
+    elif layout == "csr":
+        parts["rowptr"] = (_INDEX_TYPES, (R + 1,))
+        parts["cols"] = (_INDEX_TYPES, (nnz,))
+    if kind == "float":
+        parts["values"] = ((dtype,), (n,))
+    else:
+        bits = e.get("bits")
+        if not _count(bits, 1, MAX_BITS):
+            raise _bad(key, f"bits {bits!r} is not a width in 1..{MAX_BITS}")
+        parts["codes"] = ((torch.uint8,), ((n * bits + 7) // 8,))
+        parts["scales"] = ((torch.float32,), (1, R))
+    return parts
+
+
+def check_encoding(meta, tensors: dict[str, tuple[torch.dtype, tuple[int, ...]]]) -> dict:
+    """Check encoding metadata ``meta`` against the stored tensors' dtypes and shapes (``name ->
+    (dtype, shape)``, known before any data is read): every field's type and range, every part
+    present with the dtype and length its entry implies, no stored tensor left over. Returns the
+    decoded state's ``key -> (dtype, shape)``; raises :class:`~osbc.errors.OsbcError` naming the
+    tensor. (The parts' contents are checked when decoding.)"""
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        raise OsbcError(f"not an {FORMAT} encoding")
+    version = meta.get("version", 0)
+    if not (_count(version, 0, VERSION) or version in [str(v) for v in range(VERSION + 1)]):
+        raise OsbcError(f"{FORMAT} version {version!r} is not one this osbc reads (up to {VERSION})")
+    entries = meta.get("entries")
+    if not isinstance(entries, dict):
+        raise OsbcError("the encoding lists no entries")
+    used, out = set(), {}
+    for k, e in entries.items():
+        if _SEP in k or not isinstance(e, dict):
+            raise _bad(k, "damaged encoding entry")
+        if e.get("enc") == "plain":
+            if k not in tensors:
+                raise _bad(k, "missing from the file")
+            used.add(k)
+            out[k] = tensors[k]
+            continue
+        if e.get("enc") != "sparse":
+            raise _bad(k, f"unknown encoding {e.get('enc')!r}")
+        for part, (dtypes, lengths) in _sparse_parts(k, e).items():
+            name = f"{k}{_SEP}{part}"
+            if name not in tensors:
+                raise _bad(k, f"its part {part!r} is missing from the file")
+            dt, shp = tensors[name]
+            if dt not in dtypes or len(shp) != 1 or shp[0] not in lengths:
+                raise _bad(k, f"its part {part!r} is {str(dt).removeprefix('torch.')}{list(shp)}; expected "
+                              f"{' or '.join(str(d).removeprefix('torch.') for d in dtypes)} of length "
+                              f"{' or '.join(map(str, lengths))}")
+            used.add(name)
+        out[k] = (_FLOATS[e["dtype"]], tuple(e["shape"]))
+    extra = sorted(set(tensors) - used)
+    if extra:
+        raise _bad(extra[0], "stored but not described by the encoding metadata")
+    return out
+
+
+def _check_parts(key: str, e: dict, parts: dict[str, Tensor]) -> None:
+    """The contents a sparse entry's decoding relies on: the bitmask holds ``nnz`` ones; CSR row
+    pointers run from 0 to ``nnz`` without decreasing, and the column indices of each row
+    increase and stay below the row length."""
+    numel = math.prod(e["shape"])
+    C = numel // e["shape"][0]
+    nnz = e["nnz"]
+    if e["layout"] == "bitmask":
+        ones = int(np.unpackbits(parts[f"{key}{_SEP}mask"].numpy(), count=numel).sum())
+        if ones != nnz:
+            raise _bad(key, f"its bitmask marks {ones} entries, its metadata says nnz={nnz}")
+    elif e["layout"] == "csr":
+        rowptr = parts[f"{key}{_SEP}rowptr"].to(torch.int64)
+        cols = parts[f"{key}{_SEP}cols"].to(torch.int64)
+        if int(rowptr[0]) != 0 or int(rowptr[-1]) != nnz or bool((rowptr[1:] < rowptr[:-1]).any()):
+            raise _bad(key, f"its CSR row pointers do not run monotonically from 0 to nnz={nnz}")
+        if nnz and (int(cols.min()) < 0 or int(cols.max()) >= C):
+            raise _bad(key, f"a CSR column index lies outside 0..{C - 1}")
+        rows = torch.repeat_interleave(torch.arange(e["shape"][0]), rowptr[1:] - rowptr[:-1])
+        same_row = rows[1:] == rows[:-1]
+        if bool((cols[1:] <= cols[:-1])[same_row].any()):
+            raise _bad(key, "its CSR column indices repeat or are out of order within a row")
+
+
 def decode_state_dict(tensors: dict[str, Tensor], meta: dict) -> dict[str, Tensor]:
-    """Inverse of :func:`encode_state_dict` (keys in their original order)."""
-    if meta.get("format") != FORMAT:
-        raise ValueError(f"not an {FORMAT} encoding (format={meta.get('format')!r})")
-    if int(meta.get("version", 0)) > VERSION:
-        raise ValueError(f"{FORMAT} version {meta.get('version')} is newer than this osbc ({VERSION})")
+    """Inverse of :func:`encode_state_dict` (keys in their original order). ``meta`` and the
+    tensors are checked first (:func:`check_encoding`, then each part's contents): damaged input
+    raises :class:`~osbc.errors.OsbcError` naming the tensor, never decodes to other weights."""
+    check_encoding(meta, {n: (t.dtype, tuple(t.shape)) for n, t in tensors.items()})
     state: dict[str, Tensor] = {}
     for k, e in meta["entries"].items():
         if e["enc"] == "plain":
             state[k] = tensors[k]
-        elif e["enc"] == "sparse":
-            parts = {n: t for n, t in tensors.items() if n.startswith(k + _SEP)}
-            state[k] = decode_tensor(parts, e, k)
         else:
-            raise ValueError(f"{k}: unknown encoding {e['enc']!r}")
+            parts = {n: t for n, t in tensors.items() if n.startswith(k + _SEP)}
+            _check_parts(k, e, parts)
+            state[k] = decode_tensor(parts, e, k)
     return state
 
 
 def _compressible_keys(model: nn.Module) -> list[str]:
     keys = []
     for name, m in model.named_modules():
-        if isinstance(m, _COMPRESSIBLE) and isinstance(getattr(m, "weight", None), Tensor):
+        if isinstance(m, WEIGHT_LAYERS) and isinstance(getattr(m, "weight", None), Tensor):
             keys.append(f"{name}.weight" if name else "weight")
     return keys
 
 
 # ---- files ---------------------------------------------------------------------------------------
 
-def save_compressed(model: nn.Module | dict, path: str | os.PathLike, metadata: dict | None = None) -> Path:
-    """Write ``model`` (a module, or a state dict) compactly to ``path`` (safetensors), atomically:
-    a temporary file in the same directory replaced onto ``path``. ``metadata``: any
-    JSON-serialisable dict, returned by :func:`read_compressed`."""
-    from safetensors.torch import save_file
-
-    path = Path(path)
+def _state_and_keys(model: nn.Module | dict):
     if isinstance(model, nn.Module):
-        state, keys = model.state_dict(), _compressible_keys(model)
-    else:
-        state, keys = model, None
-    tensors, meta = encode_state_dict(state, keys)
-    header = {"format": FORMAT, "osbc": json.dumps(meta), "user": json.dumps(metadata or {})}
-    from .atomic import atomic_write
+        return model.state_dict(), _compressible_keys(model)
+    return model, None
 
-    atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=header))
-    return path
+
+def save_compressed(model: nn.Module | dict, path: str | os.PathLike, metadata: dict | None = None) -> Path:
+    """Write ``model`` (a module, or a state dict) compactly to ``path`` (safetensors), atomically.
+    ``metadata``: any JSON-serialisable dict, returned by :func:`read_compressed`. The same format
+    as :func:`osbc.save`, without an architecture (so loading needs the model)."""
+    from . import fileformat
+
+    state, keys = _state_and_keys(model)
+    return fileformat.write(path, state, keys, {"format": FORMAT, "user": json.dumps(metadata or {})})
+
+
+def _read(path, expect=None) -> tuple[dict[str, Tensor], dict]:
+    from . import fileformat
+
+    h = fileformat.read_header(path, "compact file")
+    if h.meta.get("format") != FORMAT:
+        raise OsbcError(f"{h.path} is not an osbc compact file")
+    user = fileformat.parse_json(h.path, "user", h.meta.get("user") or "{}", dict)
+    return fileformat.read_state(h, expect), user
 
 
 def read_compressed(path: str | os.PathLike) -> tuple[dict[str, Tensor], dict]:
-    """``(state_dict, metadata)`` of a file written by :func:`save_compressed`."""
-    from safetensors import safe_open
-    from safetensors.torch import load_file
-
-    path = Path(path)
-    with safe_open(str(path), framework="pt") as f:
-        header = f.metadata() or {}
-    if header.get("format") != FORMAT or "osbc" not in header:
-        raise ValueError(f"{path} is not an osbc compact file")
-    tensors = load_file(str(path))
-    return decode_state_dict(tensors, json.loads(header["osbc"])), json.loads(header.get("user") or "{}")
+    """``(state_dict, metadata)`` of a file written by :func:`save_compressed`, checked: a damaged
+    file raises :class:`~osbc.errors.OsbcError` (see :func:`osbc.fileformat.read_state`)."""
+    return _read(path)
 
 
 def load_compressed(path: str | os.PathLike, model: nn.Module | Callable[[], nn.Module],
                     strict: bool = True) -> nn.Module:
     """Load a compact file into ``model`` (a module, or a zero-argument callable that builds one)
-    and return it. The weights are exactly those that were saved."""
-    state, _ = read_compressed(path)
+    and return it. The weights are exactly those that were saved. With ``strict``, the file must
+    hold exactly the model's tensors (dtypes and shapes), checked before decoding."""
     if not isinstance(model, nn.Module):
         model = model()
+    expect = {k: (v.dtype, tuple(v.shape)) for k, v in model.state_dict().items()} if strict else None
+    state, _ = _read(path, expect)
     model.load_state_dict(state, strict=strict)
     return model
 
@@ -423,10 +427,7 @@ def size_report(model: nn.Module | dict) -> dict:
     ``bits`` (code width, or the float width), ``scale`` (channel/layer, for int), ``pow2``,
     ``dense_bytes`` (float32) and ``compressed_bytes``. ``other_bytes`` (biases, BatchNorm, neuron
     parameters, counted at their own width) is included in both totals; the safetensors header is not."""
-    if isinstance(model, nn.Module):
-        state, keys = model.state_dict(), _compressible_keys(model)
-    else:
-        state, keys = model, None
+    state, keys = _state_and_keys(model)
     keys = set(_default_weight_keys(state) if keys is None else keys)
     layers, wd, wc, other = [], 0, 0, 0
     for k, v in state.items():
