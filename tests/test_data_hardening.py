@@ -32,17 +32,13 @@ from osbc.data import (
 from osbc.data.dvsgesture import _parse_labels
 from osbc.data.readers import encode_nmnist
 from osbc.errors import OsbcError
+from test_data_datasets import rand_events
 
 
 @pytest.fixture(autouse=True)
 def _private_cache(tmp_path_factory, monkeypatch):
     monkeypatch.setenv("OSBC_CACHE", str(tmp_path_factory.mktemp("osbc-cache")))
     monkeypatch.delenv("OSBC_MAX_MEMBER_MB", raising=False)
-
-
-def rand_events(rng, n, size, t0=0, t1=300_000):
-    return make_events(rng.integers(0, size, n), rng.integers(0, size, n),
-                       np.sort(rng.integers(t0, t1, n)), rng.integers(0, 2, n))
 
 
 def small_nmnist(root, rng, per=2, n=200):

@@ -313,7 +313,10 @@ class _TarSource(_Source):
                                  "re-download it") from None
 
     def key(self, name: str) -> str:
-        return f"{self.identity()}|{name}|{self.entries().get(name)}"
+        if self._entries is None:
+            self._scan()
+        assert self._entries is not None
+        return f"{self.identity()}|{name}|{self._entries.get(name)}"
 
 
 def open_source(path: Path, index_dir: Path | None) -> _Source:
