@@ -1,4 +1,5 @@
-"""Event-data throughput: reading each format, integrating frames, building and loading Digits.
+"""Event-data throughput: reading each format, frame-cache keys, integrating frames, building and
+loading Digits.
 
     python bench/bench_data.py            # full run (about a minute on 2 cores)
     python bench/bench_data.py --quick    # smaller files, no MLP check
@@ -111,6 +112,22 @@ def bench_readers(tmp: Path, quick: bool, repeat: int, results: list) -> None:
         best(lambda: [read_aedat20(p) for p in cpaths], repeat), n_cif * cif, "files", n_cif)
 
 
+def bench_cache_keys(tmp: Path, repeat: int, results: list) -> None:
+    """The frame cache's key for a file in a folder: stat, plus a hash of the file's first and last
+    64 KiB when the stat changed (cold); a warm key is the stat alone. Against a full parse."""
+    from osbc.data.archive import open_source
+
+    names = sorted(p.name for p in (tmp / "cifar").glob("*.aedat"))  # written by bench_readers
+    n = len(names)
+    row(results, f"cache keys, cold (stat + blake2b of 2x64 KiB), {n} files",
+        best(lambda: [open_source(tmp / "cifar", None).key(m) for m in names], repeat), None, "files", n)
+    warm = open_source(tmp / "cifar", None)
+    row(results, f"cache keys, warm (stat only), {n} files",
+        best(lambda: [warm.key(m) for m in names], repeat), None, "files", n)
+    row(results, f"for scale: read_aedat20 of the same {n} files",
+        best(lambda: [read_aedat20(tmp / "cifar" / m) for m in names], repeat), None, "files", n)
+
+
 def bench_frames(quick: bool, repeat: int, results: list) -> None:
     nm = events(4000, 34, 300_000)
     k = 200 if quick else 1000
@@ -204,6 +221,8 @@ def main() -> None:
         tmp = Path(tmp)
         print("== readers")
         bench_readers(tmp, args.quick, args.repeat, results)
+        print("== frame cache keys")
+        bench_cache_keys(tmp, args.repeat, results)
         print("== frame integration")
         bench_frames(args.quick, args.repeat, results)
         print("== events from images, Digits")

@@ -28,7 +28,7 @@ from osbc.data import (
     write_aedat31,
     write_nmnist,
 )
-import osbc.data.datasets as dsmod
+import osbc.data.archive as archive
 
 
 @pytest.fixture(autouse=True)
@@ -235,7 +235,7 @@ def test_gesture_tar_in_place(tmp_path, monkeypatch):
         assert torch.equal(ds[i][0], ref[i][0])
     # the archive listing is remembered and the frames cached: the archive is not opened again
     assert list((tmp_path / "c" / "archives").glob("tar-index-*.json"))
-    monkeypatch.setattr(dsmod._TarSource, "_open", lambda self: pytest.fail("archive reopened"))
+    monkeypatch.setattr(archive._TarSource, "_open", lambda self: pytest.fail("archive reopened"))
     again = DVSGesture(tmp_path / "t", train=True, frames=3, split_by="number", cache=tmp_path / "c")
     assert all(torch.equal(again[i][0], ref[i][0]) for i in range(len(again)))
     with pytest.raises(ValueError, match=r"needs the cache.*tar xzf DvsGesture\.tar\.gz"):

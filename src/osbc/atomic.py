@@ -8,9 +8,9 @@ import signal
 import tempfile
 import threading
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterable
 
-__all__ = ["atomic_write"]
+__all__ = ["atomic_write", "atomic_write_bytes"]
 
 # Signals whose default action kills the process without running Python's cleanup (unlike SIGINT,
 # which raises KeyboardInterrupt): a job scheduler's SIGTERM, a closed terminal's SIGHUP.
@@ -73,3 +73,16 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], object]) -> Pat
         Path(tmp).unlink(missing_ok=True)
         raise
     return path
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes | Iterable[bytes]) -> Path:
+    """:func:`atomic_write` of content already in memory: ``data`` is bytes or a sequence of
+    chunks written one after the other (no joined copy of a large file)."""
+    chunks = [data] if isinstance(data, (bytes, bytearray, memoryview)) else data
+
+    def write(tmp: str) -> None:
+        with open(tmp, "wb") as f:
+            for c in chunks:
+                f.write(c)
+
+    return atomic_write(path, write)

@@ -6,19 +6,13 @@ from still images (the offline :class:`Digits` default).
 >>> frames, label = train[0]                                 # [20, 2, 34, 34] float32, int
 """
 
-from .datasets import (
-    CACHE_ENV,
-    CIFAR10DVS,
-    NMNIST,
-    DVSGesture,
-    EventDataset,
-    LabeledSubset,
-    Sample,
-    calibration_split,
-    default_cache_dir,
-    load_dataset,
-    stratified_split,
-)
+from .base import EventDataset, Sample
+from .cache import CACHE_ENV, default_cache_dir
+from .cifar10dvs import CIFAR10DVS
+from .datasets import load_dataset
+from .dvsgesture import DVSGesture
+from .nmnist import NMNIST
+from .subsets import LabeledSubset, calibration_split, stratified_split
 from .frames import downsampled_size, events_to_frames, frame_index, sparse_frame_counts
 from .readers import (
     EVENT_DTYPE,

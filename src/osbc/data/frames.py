@@ -15,6 +15,8 @@ from typing import Literal
 
 import numpy as np
 
+from ..errors import OsbcError
+
 __all__ = ["SplitBy", "frame_index", "events_to_frames", "sparse_frame_counts", "downsampled_size"]
 
 SplitBy = Literal["time", "number"]
@@ -22,11 +24,11 @@ SplitBy = Literal["time", "number"]
 
 def _check(frames: int, split_by: str, downsample: int) -> None:
     if not isinstance(frames, (int, np.integer)) or isinstance(frames, bool) or frames < 1:
-        raise ValueError(f"frames must be a positive integer, got {frames!r}")
+        raise OsbcError(f"frames must be a positive integer, got {frames!r}")
     if split_by not in ("time", "number"):
-        raise ValueError(f"split_by must be 'time' or 'number', got {split_by!r}")
+        raise OsbcError(f"split_by must be 'time' or 'number', got {split_by!r}")
     if not isinstance(downsample, (int, np.integer)) or downsample < 1:
-        raise ValueError(f"downsample must be a positive integer factor (2: 128 -> 64), got {downsample!r}")
+        raise OsbcError(f"downsample must be a positive integer factor (2: 128 -> 64), got {downsample!r}")
 
 
 def downsampled_size(sensor_size: tuple[int, int], downsample: int = 1) -> tuple[int, int]:
@@ -62,8 +64,8 @@ def _flat_index(events: np.ndarray, sensor_size: tuple[int, int], frames: int, s
     x = np.asarray(events["x"]).astype(np.int64)
     y = np.asarray(events["y"]).astype(np.int64)
     if x.size and (x.min() < 0 or y.min() < 0 or x.max() >= w or y.max() >= h):
-        raise ValueError(f"events_to_frames: events reach x in [{x.min()}, {x.max()}], "
-                         f"y in [{y.min()}, {y.max()}], outside the {h}x{w} sensor_size given")
+        raise OsbcError(f"events_to_frames: events reach x in [{x.min()}, {x.max()}], "
+                        f"y in [{y.min()}, {y.max()}], outside the {h}x{w} sensor_size given")
     hh, ww = downsampled_size(sensor_size, downsample)
     if downsample > 1:
         x //= downsample

@@ -20,7 +20,8 @@ from typing import Callable, Literal, Union
 
 import numpy as np
 
-from ..atomic import atomic_write
+from ..atomic import atomic_write_bytes
+from ..errors import OsbcError
 
 __all__ = [
     "EVENT_DTYPE",
@@ -42,7 +43,7 @@ Source = Union[str, os.PathLike, bytes, bytearray, memoryview]
 OnError = Literal["raise", "warn"]
 
 
-class EventFileError(ValueError):
+class EventFileError(OsbcError):
     """A data file is empty, truncated or malformed; names the file and the byte offset."""
 
     def __init__(self, path: str, offset: int | None, problem: str):
@@ -59,8 +60,8 @@ def make_events(x, y, t, p) -> np.ndarray:
     """Build an event array from four equally long sequences."""
     x, y, t, p = (np.asarray(a) for a in (x, y, t, p))
     if not (x.shape == y.shape == t.shape == p.shape) or x.ndim != 1:
-        raise ValueError(f"make_events: x, y, t, p must be 1-D and equally long, got shapes "
-                         f"{x.shape}, {y.shape}, {t.shape}, {p.shape}")
+        raise OsbcError(f"make_events: x, y, t, p must be 1-D and equally long, got shapes "
+                        f"{x.shape}, {y.shape}, {t.shape}, {p.shape}")
     ev = np.empty(x.size, EVENT_DTYPE)
     ev["x"], ev["y"], ev["t"], ev["p"] = x, y, t, p
     return ev
@@ -76,12 +77,12 @@ def _load(source: Source, name: str | None) -> tuple[bytes | memoryview, str]:
         with open(path, "rb") as f:
             return f.read(), name or path
     except IsADirectoryError:
-        raise ValueError(f"{path}: is a folder, expected an event file") from None
+        raise OsbcError(f"{path}: is a folder, expected an event file") from None
 
 
 def _check_on_error(on_error: str) -> None:
     if on_error not in ("raise", "warn"):
-        raise ValueError(f"on_error must be 'raise' or 'warn', got {on_error!r}")
+        raise OsbcError(f"on_error must be 'raise' or 'warn', got {on_error!r}")
 
 
 def _problem(name: str, offset: int | None, problem: str, on_error: OnError) -> None:
@@ -93,28 +94,25 @@ def _problem(name: str, offset: int | None, problem: str, on_error: OnError) -> 
                   EventFileWarning, stacklevel=3)
 
 
-def _atomic_write(path: str | os.PathLike, chunks: list[bytes]) -> None:
-    def write(tmp: str) -> None:
-        with open(tmp, "wb") as f:
-            for c in chunks:
-                f.write(c)
-
-    atomic_write(path, write)
-
-
 def _as_events(events: np.ndarray, fmt: str) -> np.ndarray:
     names = getattr(getattr(events, "dtype", None), "names", None) or ()
     missing = {"x", "y", "t", "p"} - set(names)
     if missing:
-        raise ValueError(f"{fmt}: events need fields x, y, t, p (missing {sorted(missing)}); "
-                         "build them with osbc.data.make_events")
+        raise OsbcError(f"{fmt}: events need fields x, y, t, p (missing {sorted(missing)}); "
+                        "build them with osbc.data.make_events")
     return events
 
 
-def _check_range(fmt: str, field: str, a: np.ndarray, lo: int, hi: int) -> None:
-    if a.size and (a.min() < lo or a.max() > hi):
-        raise ValueError(f"{fmt}: field {field} must lie in [{lo}, {hi}] for this format, "
-                         f"got [{a.min()}, {a.max()}]")
+def _checked_fields(events: np.ndarray, fmt: str, x_max: int, y_max: int, t_max: int
+                    ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """x, y, t, p of ``events`` as int64, each checked against the format's range (p in [0, 1])."""
+    ev = _as_events(events, fmt)
+    x, y, t, p = (np.asarray(ev[f]).astype(np.int64) for f in "xytp")
+    for field, a, hi in (("x", x, x_max), ("y", y, y_max), ("t", t, t_max), ("p", p, 1)):
+        if a.size and (a.min() < 0 or a.max() > hi):
+            raise OsbcError(f"{fmt}: field {field} must lie in [0, {hi}] for this format, "
+                            f"got [{a.min()}, {a.max()}]")
+    return x, y, t, p
 
 
 def _check_sensor(ev: np.ndarray, sensor_size: tuple[int, int] | None, name: str,
@@ -176,19 +174,14 @@ def read_nmnist(source: Source, *, name: str | None = None,
 
 def write_nmnist(path: str | os.PathLike, events: np.ndarray) -> None:
     """Write events as an N-MNIST ``.bin`` file (x, y < 256 but y != 240, 0 <= t < 2**23 us)."""
-    _atomic_write(path, [encode_nmnist(events)])
+    atomic_write_bytes(path, [encode_nmnist(events)])
 
 
 def encode_nmnist(events: np.ndarray) -> bytes:
     """The bytes of an N-MNIST ``.bin`` file holding ``events`` (see :func:`write_nmnist`)."""
-    ev = _as_events(events, "write_nmnist")
-    x, y, t, p = (np.asarray(ev[f]).astype(np.int64) for f in "xytp")
-    _check_range("write_nmnist", "x", x, 0, 255)
-    _check_range("write_nmnist", "y", y, 0, 255)
-    _check_range("write_nmnist", "t", t, 0, (1 << 23) - 1)
-    _check_range("write_nmnist", "p", p, 0, 1)
+    x, y, t, p = _checked_fields(events, "write_nmnist", 255, 255, (1 << 23) - 1)
     if (y == _NMNIST_OVERFLOW_Y).any():
-        raise ValueError("write_nmnist: y = 240 is reserved for timestamp-overflow markers")
+        raise OsbcError("write_nmnist: y = 240 is reserved for timestamp-overflow markers")
     rec = np.empty((x.size, 5), np.uint8)
     rec[:, 0], rec[:, 1] = x, y
     rec[:, 2] = (p << 7) | (t >> 16)
@@ -305,14 +298,9 @@ def write_aedat31(path: str | os.PathLike, events: np.ndarray, *, events_per_pac
 
     A packet holds one tsOverflow value, so a new packet starts wherever t // 2**31 changes.
     """
-    ev = _as_events(events, "write_aedat31")
     if events_per_packet < 1:
-        raise ValueError(f"write_aedat31: events_per_packet must be >= 1, got {events_per_packet}")
-    x, y, t, p = (np.asarray(ev[f]).astype(np.int64) for f in "xytp")
-    _check_range("write_aedat31", "x", x, 0, 0x7FFF)
-    _check_range("write_aedat31", "y", y, 0, 0x7FFF)
-    _check_range("write_aedat31", "t", t, 0, (1 << 62) - 1)
-    _check_range("write_aedat31", "p", p, 0, 1)
+        raise OsbcError(f"write_aedat31: events_per_packet must be >= 1, got {events_per_packet}")
+    x, y, t, p = _checked_fields(events, "write_aedat31", 0x7FFF, 0x7FFF, (1 << 62) - 1)
     words = np.empty((x.size, 2), "<u4")
     words[:, 0] = (x << 17) | (y << 2) | (p << 1) | 1
     words[:, 1] = t & 0x7FFFFFFF
@@ -326,7 +314,7 @@ def write_aedat31(path: str | os.PathLike, events: np.ndarray, *, events_per_pac
             n = b - a
             out.append(_PACKET.pack(_POLARITY, source_id, 8, 4, int(epoch[a]), n, n, n))
             out.append(words[a:b].tobytes())
-    _atomic_write(path, out)
+    atomic_write_bytes(path, out)
 
 
 # --------------------------------------------------------------------------------------- AEDAT 2.0
@@ -384,12 +372,7 @@ def read_aedat20(source: Source, *, name: str | None = None, remap: bool = True,
 
 def write_aedat20(path: str | os.PathLike, events: np.ndarray, *, remap: bool = True) -> None:
     """Write events as an AEDAT 2.0 file (inverse of :func:`read_aedat20` with the same ``remap``)."""
-    ev = _as_events(events, "write_aedat20")
-    x, y, t, p = (np.asarray(ev[f]).astype(np.int64) for f in "xytp")
-    _check_range("write_aedat20", "x", x, 0, 127)
-    _check_range("write_aedat20", "y", y, 0, 127)
-    _check_range("write_aedat20", "t", t, 0, (1 << 32) - 1)
-    _check_range("write_aedat20", "p", p, 0, 1)
+    x, y, t, p = _checked_fields(events, "write_aedat20", 127, 127, (1 << 32) - 1)
     if remap:
         x, y, p = 127 - y, 127 - x, 1 - p
     words = np.empty((x.size, 2), ">u4")
@@ -400,4 +383,4 @@ def write_aedat20(path: str | os.PathLike, events: np.ndarray, *, remap: bool = 
               b"# Data format is int32 address, int32 timestamp (8 bytes total), repeated for each event\r\n"
               b"# Timestamps tick is 1 us\r\n"
               b"# Written by osbc\r\n")
-    _atomic_write(path, [header, words.tobytes()])
+    atomic_write_bytes(path, [header, words.tobytes()])

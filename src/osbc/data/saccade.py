@@ -22,9 +22,12 @@ from typing import Any, Callable
 
 import numpy as np
 
-from .datasets import NMNIST, default_cache_dir, stratified_split
+from ..errors import OsbcError
+from .cache import default_cache_dir
 from .frames import SplitBy
+from .nmnist import NMNIST
 from .readers import EVENT_DTYPE, OnError, encode_nmnist
+from .subsets import stratified_split
 
 __all__ = ["saccade_events", "upsample_images", "Digits"]
 
@@ -59,17 +62,17 @@ def saccade_events(images: np.ndarray, sensor_size: tuple[int, int] = (34, 34), 
     if imgs.ndim == 2:
         imgs = imgs[None]
     if imgs.ndim != 3:
-        raise ValueError(f"images must have shape (N, h, w) or (h, w), got {np.shape(images)}")
+        raise OsbcError(f"images must have shape (N, h, w) or (h, w), got {np.shape(images)}")
     H, W = sensor_size
     n, h, w = imgs.shape
     if h > H or w > W:
-        raise ValueError(f"images of {h}x{w} do not fit the {H}x{W} sensor: resize them first")
+        raise OsbcError(f"images of {h}x{w} do not fit the {H}x{W} sensor: resize them first")
     for what, v in (("duration_us", duration_us), ("step_us", step_us), ("threshold", threshold),
                     ("batch", batch)):
         if not v > 0:
-            raise ValueError(f"{what} must be positive, got {v}")
+            raise OsbcError(f"{what} must be positive, got {v}")
     if not 0.0 < floor < 1.0:
-        raise ValueError(f"floor must lie strictly between 0 and 1, got {floor}")
+        raise OsbcError(f"floor must lie strictly between 0 and 1, got {floor}")
     if n == 0:
         return []
     scale = float(imgs.max()) if vmax is None else float(vmax)
@@ -206,7 +209,7 @@ def upsample_images(images: np.ndarray, size: int = 20, pad: int = 4, blur: floa
     digits into MNIST-like 28x28 images (20x20 digit in a 28x28 field)."""
     imgs = np.asarray(images, dtype=np.float64)
     if imgs.ndim != 3 or imgs.shape[1] != imgs.shape[2]:
-        raise ValueError(f"images must have shape (N, n, n), got {imgs.shape}")
+        raise OsbcError(f"images must have shape (N, n, n), got {imgs.shape}")
     up = _linear_matrix(imgs.shape[1], size)
     full = size + 2 * pad
     placed = np.zeros((full, imgs.shape[1]))
@@ -254,13 +257,13 @@ class Digits(NMNIST):
                  cache: bool | str | os.PathLike | None = None, on_error: OnError = "raise",
                  transform: Callable | None = None, target_transform: Callable | None = None):
         if not 0.0 < test_fraction < 1.0:
-            raise ValueError(f"test_fraction must lie strictly between 0 and 1, got {test_fraction}")
+            raise OsbcError(f"test_fraction must lie strictly between 0 and 1, got {test_fraction}")
         params = {"seed": int(seed), "sensor_size": [34, 34], "saccade": dict(saccade or {})}
         params["saccade"].pop("sensor_size", None)
         try:
             json.dumps(params)
         except TypeError:
-            raise ValueError(f"saccade parameters must be plain numbers, got {saccade!r}") from None
+            raise OsbcError(f"saccade parameters must be plain numbers, got {saccade!r}") from None
         if root is None:
             base = default_cache_dir() if cache in (None, True, False) else Path(cache).expanduser()
             root = base / "digits"
