@@ -5,7 +5,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from osbc import snn
-from osbc.discover import Recorder, batches, find_modules
+from osbc.trace import Recorder, batches, find_modules
 from osbc.hessian import HessianAccumulator, kernel_groups
 from osbc.kernels import Kernel
 

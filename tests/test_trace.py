@@ -5,7 +5,7 @@ import torch
 from torch import nn
 
 from osbc import snn
-from osbc.discover import batches, find_modules
+from osbc.trace import batches, find_modules
 
 from helpers import MLP, TB, ConvNet, LoopMLP, spikes
 
@@ -59,7 +59,7 @@ def test_pool_between_layer_and_neuron_means_identity():
 
 
 def test_errors_are_clear():
-    with pytest.raises(ValueError, match="rejected calibration input"):
+    with pytest.raises(ValueError, match="rejected the input"):
         find_modules(MLP(d_in=20), first(spikes(2, 3, 21)))
     with pytest.raises(ValueError, match="nothing to compress"):
         find_modules(nn.Sequential(nn.Flatten(2), snn.LIF()), first(spikes(2, 3, 5)))
