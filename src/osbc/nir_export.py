@@ -318,10 +318,15 @@ def to_nir(model: nn.Module, dt: float = 1e-3, sample: Tensor | None = None, *, 
     if sample.dim() < 3:
         raise OsbcError(f"sample must be time-major [T, B, ...], got shape {tuple(sample.shape)}")
     calls = trace(model, sample).calls
-    for c in calls:
+    for i, c in enumerate(calls):
         if c.mode is None or c.out_mode is None:
             raise OsbcError(f"{c.name}: cannot tell time from batch in its calls {c.in_shapes[:3]} -> "
                             f"{c.out_shapes[:3]} for a [T={sample.shape[0]}, B={sample.shape[1]}] sample")
+        # the data flow must follow the call order: a residual add or a branch would be exported wrong
+        other = c.sources - {calls[i - 1]} if i else c.sources
+        if other:
+            raise OsbcError(f"{c.name}: its input comes from {', '.join(sorted(o.name for o in other))}, not "
+                            f"only from the layer called before it; NIR export handles chain-shaped models only")
     if not calls:
         raise OsbcError("the model ran no layers on the sample")
     layer_nodes = _layer_nodes(calls, float(dt), fold_bn)

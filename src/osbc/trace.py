@@ -2,8 +2,10 @@
 
 SNN forward passes loop over time, so ``torch.fx`` cannot trace them. Instead :func:`trace` runs
 one batch with forward hooks on every leaf module (a neuron counts as a leaf: spikingjelly's call
-their surrogate function as a child module) and records each module's calls with their shapes.
-That one record serves
+their surrogate function as a child module) and records each module's calls with their shapes, and
+which module calls each one's input was computed from (:attr:`Call.sources`): every module output
+is tagged with its call, and the tags follow the tensors through the operations between modules
+(``a + b``, views, indexing, stacking). That one record serves
 
 * discovery (:func:`find_modules`): weight layer -> optional BatchNorm -> spiking neuron;
 * calibration (:class:`Recorder`): a target layer's inputs, turned back into ``[T, B, ...]``;
@@ -15,6 +17,17 @@ How a module is called tells time from batch (:attr:`Call.mode`):
 * ``"flat"``: once with ``[T*B, ...]`` (convs wrapped so time is folded into the batch);
 * ``"loop"``: T times with ``[B, ...]`` (snntorch-style models that loop over time in ``forward``);
 * ``"batch"``: once with ``[B, ...]`` (e.g. a readout on the time-averaged output).
+
+Discovery follows the data flow back from each neuron's input: through element-wise modules
+(Dropout, Flatten, Identity), at most one BatchNorm, pooling (behind convs only) and the
+operations between modules, so both convs of a spiking ResNet block whose neuron follows
+``out += shortcut`` get that neuron's kernel. Pooling layers are per channel and the same at every
+step, so a conv's rows stay the neuron's channels. Average pooling is linear and commutes with the
+kernel: the membrane error is the pool of the filtered per-position errors, and osbc minimises the
+filtered error at every position before the pool (an upper bound: the square of a mean is at most
+the mean of the squares). Max pooling is not linear; osbc applies the neuron's kernel to the conv's
+output as if the pool were absent (the Hessian of the conv uses the neuron's K at every position),
+which is exact for the positions the max selects as long as the selection does not change.
 """
 
 from __future__ import annotations
@@ -26,6 +39,8 @@ from typing import Callable, Iterator
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.overrides import TorchFunctionMode
+from torch.utils.weak import WeakIdKeyDictionary
 
 from . import neurons
 from .errors import OsbcError
@@ -39,19 +54,53 @@ __all__ = ["Call", "Trace", "trace", "Target", "find_modules", "Recorder", "time
 # membrane objective: they act per element and identically at every time step.
 _TRANSPARENT = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Flatten, nn.Unflatten, nn.Identity)
 BATCH_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d)
+# Per-channel, time-invariant: a neuron after them still filters each conv output channel.
+_POOLS = (nn.MaxPool1d, nn.MaxPool2d, nn.AvgPool1d, nn.AvgPool2d, nn.AdaptiveMaxPool1d, nn.AdaptiveMaxPool2d,
+          nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d)
 _CONV_DIMS = ((nn.Conv1d, 3), (nn.Conv2d, 4))  # dims of one batched call
 
 
 # ---- the record ---------------------------------------------------------------------------------
 
-def _first_tensor(x) -> Tensor | None:
+def _tensors(x) -> Iterator[Tensor]:
+    """The tensors in ``x`` (nested tuples, lists and dicts), in order."""
     if isinstance(x, Tensor):
-        return x
-    if isinstance(x, (tuple, list)):
-        return next((t for t in map(_first_tensor, x) if t is not None), None)
-    if isinstance(x, dict):
-        return _first_tensor(list(x.values()))
-    return None
+        yield x
+    elif isinstance(x, (tuple, list)):
+        for v in x:
+            yield from _tensors(v)
+    elif isinstance(x, dict):
+        for v in x.values():
+            yield from _tensors(v)
+
+
+def _first_tensor(x) -> Tensor | None:
+    return next(_tensors(x), None)
+
+
+class _Flow(TorchFunctionMode):
+    """Tags every tensor computed outside the hooked modules with the module calls it came from
+    (the union of its inputs' tags); the hooks tag each module's outputs with its own call."""
+
+    def __init__(self):
+        super().__init__()
+        self.tags: WeakIdKeyDictionary = WeakIdKeyDictionary()
+
+    def sources(self, x: Tensor | None) -> frozenset:
+        return self.tags.get(x, frozenset()) if x is not None else frozenset()
+
+    def mark(self, out, tag: frozenset) -> None:
+        for t in _tensors(out):
+            self.tags[t] = tag
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        src = frozenset().union(*(self.tags.get(t, ()) for t in _tensors((args, kwargs))))
+        if src:
+            # x[i] = y writes into x and returns nothing
+            self.mark(args[0] if getattr(func, "__name__", "") == "__setitem__" else out, src)
+        return out
 
 
 def _layout(m: nn.Module | None, shapes: list[tuple], T: int, B: int) -> str | None:
@@ -75,10 +124,11 @@ def _layout(m: nn.Module | None, shapes: list[tuple], T: int, B: int) -> str | N
     return "batch" if s[0] == B else None
 
 
-@dataclass
+@dataclass(eq=False)
 class Call:
     """A module's calls during a traced forward: input / output shapes of each call (calls without
-    tensors left out), whether every input was binary (spikes), and the call layout."""
+    tensors left out), whether every input was binary (spikes), the call layout, and the module
+    calls whose outputs its (first) input was computed from, over all its calls."""
 
     module: nn.Module
     name: str
@@ -87,6 +137,8 @@ class Call:
     binary_in: bool = True
     mode: str | None = None      # layout of the inputs (see the module docs)
     out_mode: str | None = None  # layout of the outputs (a Flatten(0, 1) turns "tb" into "flat")
+    sources: set["Call"] = field(default_factory=set)
+    index: int = 0               # place in the order of first calls
 
     @staticmethod
     def _feat(shapes: list[tuple], mode: str | None) -> tuple[int, ...]:
@@ -111,13 +163,11 @@ class Call:
 
 @dataclass
 class Trace:
-    """The modules a forward called: ``calls`` in the order of their first call, ``events`` one
-    entry per call (a module called T times appears T times)."""
+    """The modules a forward called, in the order of their first call."""
 
     T: int
     B: int
     calls: list[Call]
-    events: list[Call]
 
     def of(self, m: nn.Module) -> Call:
         return next(c for c in self.calls if c.module is m)
@@ -144,19 +194,21 @@ def trace(model: nn.Module, sample: Tensor) -> Trace:
     names = {m: n for n, m in model.named_modules()}
     by_module: dict[nn.Module, Call] = {}
     order: list[Call] = []
-    events: list[Call] = []
+    flow = _Flow()
 
     def hook(m, args, kwargs, out):
         c = by_module.get(m)
         if c is None:
             c = by_module[m] = Call(m, names.get(m, type(m).__name__))
-        events.append(c)
         x, y = _first_tensor(args), _first_tensor(out)
         if x is None:
             x = _first_tensor(kwargs)
+        c.sources |= flow.sources(x)
+        flow.mark(out, frozenset((c,)))
         if x is None or y is None:
             return
         if not c.in_shapes:
+            c.index = len(order)
             order.append(c)
         c.in_shapes.append(tuple(x.shape))
         c.out_shapes.append(tuple(y.shape))
@@ -170,7 +222,7 @@ def trace(model: nn.Module, sample: Tensor) -> Trace:
     was_training = model.training
     model.eval()
     try:
-        with torch.no_grad():
+        with torch.no_grad(), flow:
             run_model(model, sample)
     except Exception as e:  # noqa: BLE001 - a model rejecting the input is a user error
         raise OsbcError(f"the model rejected the input of shape {tuple(sample.shape)} "
@@ -182,7 +234,7 @@ def trace(model: nn.Module, sample: Tensor) -> Trace:
     for c in order:
         c.mode = _layout(c.module, c.in_shapes, T, B)
         c.out_mode = _layout(None, c.out_shapes, T, B)
-    return Trace(T, B, order, events)
+    return Trace(T, B, order)
 
 
 # ---- discovery ------------------------------------------------------------------------------------
@@ -273,46 +325,73 @@ def _kernel(call: Call, layer: str, T: int, channel_axis: int) -> Kernel:
         raise KernelError(f"{call.name} (after {layer}): {e}") from e
 
 
+def _feeders(neuron: Call) -> Iterator[tuple[Call, nn.Module | None]]:
+    """The weight-layer calls whose outputs reach ``neuron``'s input, each with the BatchNorm on
+    its way (or None): back through element-wise modules, at most one BatchNorm, pooling (convs
+    only: pooling a Linear's output mixes its rows) and the operations between modules."""
+    stack = [(c, None, False) for c in sorted(neuron.sources, key=lambda c: -c.index)]
+    seen = set()
+    while stack:
+        item = stack.pop()
+        if item in seen:
+            continue
+        seen.add(item)
+        c, bn, pooled = item
+        m = c.module
+        if is_compressible(m):
+            if not (pooled and isinstance(m, nn.Linear)):
+                yield c, bn
+            continue
+        if isinstance(m, BATCH_NORMS):
+            if bn is not None:
+                continue
+            bn = m
+        elif isinstance(m, _POOLS):
+            pooled = True
+        elif not isinstance(m, _TRANSPARENT):
+            continue
+        stack.extend((s, bn, pooled) for s in sorted(c.sources, key=lambda c: -c.index))
+
+
 def find_modules(model: nn.Module, sample: Tensor, include: list[str] | str | None = None,
                  exclude: list[str] | str | None = None) -> list[Target]:
-    """The compressible modules of ``model`` in execution order.
+    """The compressible modules of ``model`` in execution order, each with the BatchNorm and the
+    neuron its output reaches (see the module docs; no neuron: the identity kernel).
 
     ``sample``: a time-major batch ``[T, B, ...]``. ``include``/``exclude``: glob patterns on module
     names (``"fc*"``, ``"features.0"``). Raises :class:`OsbcError` when the model rejects the sample
     or nothing is left to compress."""
     tr = trace(model, sample)
     T, B = tr.T, tr.B
+    fed: dict[Call, tuple[Call, nn.Module | None]] = {}
+    for n in tr.calls:
+        if neurons.is_neuron(n.module):
+            for c, bn in _feeders(n):
+                fed.setdefault(c, (n, bn))  # a layer feeding several neurons: the first one
     inc = [include] if isinstance(include, str) else include
     exc = [exclude] if isinstance(exclude, str) else (exclude or [])
-    targets, seen = [], set()
-    for i, c in enumerate(tr.events):
+    targets = []
+    for c in tr.calls:
         m, name = c.module, c.name
-        if not is_compressible(m) or m in seen:
+        if not is_compressible(m):
             continue
-        seen.add(m)
         if inc is not None and not any(fnmatch.fnmatchcase(name, p) for p in inc):
             continue
         if any(fnmatch.fnmatchcase(name, p) for p in exc):
             continue
-        bn = neuron = None
-        for nxt in tr.events[i + 1:]:
-            if isinstance(nxt.module, BATCH_NORMS) and bn is None:
-                bn = nxt.module
-            elif isinstance(nxt.module, _TRANSPARENT):
-                continue
-            elif neurons.is_neuron(nxt.module):
-                neuron = nxt
-                break
-            else:
-                break
         if c.mode not in ("tb", "flat", "loop"):
             raise OsbcError(f"{name}: cannot tell time from batch in its calls {c.in_shapes[:3]} for a "
                             f"[T={T}, B={B}] input; feed [T, B, ...] tensors to the model")
+        neuron, bn = fed.get(c, (None, None))
         if neuron is None:
             kernel = Kernel.identity()
         else:
             axis = len(neuron.feat_in) - 1 if isinstance(m, nn.Linear) else 0
             kernel = _kernel(neuron, name, T, axis)
+            if kernel.shape.numel() not in (1, m.weight.shape[0]):
+                raise KernelError(f"{neuron.name} (after {name}): per-neuron parameters for "
+                                  f"{kernel.shape.numel()} channels, but {name} has {m.weight.shape[0]} "
+                                  "output rows; give the neuron one parameter per row of this layer")
         targets.append(Target(name, m, bn, None if neuron is None else neuron.module,
                               None if neuron is None else neuron.name, kernel, c.mode))
     if not targets:
