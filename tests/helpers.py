@@ -64,3 +64,73 @@ def spikes(n, T, *shape, rate=0.2, dead=0.25, seed=0):
     p = torch.rand(*shape, generator=g) * 2 * rate
     p[torch.rand(*shape, generator=g) < dead] = 0
     return (torch.rand(n, T, *shape, generator=g) < p).float()
+
+
+# ---- shared by the interop tests (tests/test_interop_*.py) ---------------------------------------
+
+TT, D, C = 8, 40, 4  # frames, input features, classes of the toy task below
+
+
+def prototype_data(n, seed):
+    """A toy spiking classification task: ``[n, TT, D]`` Bernoulli spikes around one rate
+    prototype per class (the prototypes are fixed, the samples drawn from ``seed``), and labels."""
+    g = torch.Generator().manual_seed(seed)
+    proto = torch.rand(C, D, generator=torch.Generator().manual_seed(99)) * 0.6
+    y = torch.randint(0, C, (n,), generator=g)
+    return (torch.rand(n, TT, D, generator=g) < proto[y][:, None]).float(), y
+
+
+def train_briefly(net, n=192, epochs=5, after_step=None):
+    """Fit ``net`` (``[T, B, D] -> [T, B, C]`` spikes) to :func:`prototype_data` with Adam and the
+    MSE of the time-mean output to one-hot labels; ``after_step(net)`` runs after every step
+    (e.g. a library's state reset). Returns the net in eval mode."""
+    x, y = prototype_data(n, 1)
+    opt = torch.optim.Adam(net.parameters(), 1e-2)
+    for _ in range(epochs):
+        for i in range(0, len(x), 32):
+            out = net(x[i:i + 32].transpose(0, 1)).mean(0)
+            loss = nn.functional.mse_loss(out, nn.functional.one_hot(y[i:i + 32], C).float())
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            if after_step is not None:
+                after_step(net)
+    return net.eval()
+
+
+def accuracy(net, x, y, after=None):
+    """Accuracy of the time-mean output on ``[N, T, D]`` samples; ``after(net)`` runs afterwards."""
+    with torch.no_grad():
+        out = net(x.transpose(0, 1)).mean(0)
+    if after is not None:
+        after(net)
+    return float((out.argmax(1) == y).float().mean())
+
+
+def check_prune_and_quantize(trained, layers, after=None):
+    """One-shot compression of a trained third-party model: 80% pruning keeps it accurate and
+    beats OBC on the membrane error, 4-bit quantization stores int codes. ``layers(model)`` lists
+    its two weight layers. Returns (the model's targets, the osbc pruning result, the quantized one)."""
+    import osbc
+    from osbc import storage
+
+    x, y = prototype_data(64, 2)
+    calib = x[:48]
+    assert accuracy(trained, x, y, after) > 0.6
+    targets = osbc.inspect(trained, calib)
+
+    res = osbc.prune(trained, calib, sparsity=0.8, method="osbc", allocation="uniform", verbose=False)
+    obc = osbc.prune(trained, calib, sparsity=0.8, method="obc", allocation="uniform", verbose=False)
+    for lay in layers(res.model):
+        assert abs(float((lay.weight == 0).float().mean()) - 0.8) <= 0.01
+    assert accuracy(res.model, x, y, after) >= 0.5  # still runs in its own library
+    e_osbc = [lay.membrane_error for lay in res.report.layers]
+    e_obc = [lay.membrane_error for lay in obc.report.layers]
+    assert sum(e_osbc) < sum(e_obc)
+    assert e_osbc[0] < e_obc[0]
+
+    q = osbc.quantize(trained, calib, bits=4, verbose=False)
+    rep = storage.size_report(q.model)
+    assert [r["values"] for r in rep["layers"]] == ["int", "int"] and all(r["bits"] <= 4 for r in rep["layers"])
+    assert accuracy(q.model, x, y, after) >= 0.5
+    return targets, res, q

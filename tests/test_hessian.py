@@ -5,11 +5,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from osbc import snn
-from osbc.discover import Recorder, batches, find_modules
+from osbc.trace import Recorder, batches, find_modules
 from osbc.hessian import HessianAccumulator, kernel_groups
 from osbc.kernels import Kernel
 
-from helpers import MLP, ConvNet, LoopMLP, spikes
+from helpers import MLP, TB, ConvNet, LoopMLP, spikes
 
 
 def stream(model, calib, target_name, kernel=None, bs=5, chunk=1 << 30):
@@ -73,18 +73,32 @@ def test_loop_model_gives_same_hessian():
         assert torch.allclose(Ha, Hb, rtol=1e-6, atol=1e-9)
 
 
+def patches3x3(calib):
+    """Brute-force rows of a 3x3, padding-1 conv's input: explicit zero padding and slicing, patch
+    order (c, ki, kj) like weight.reshape(R, -1); every position of every sample is a sample."""
+    N, T, _, Hh, Ww = calib.shape
+    xp = F.pad(calib, (1, 1, 1, 1))
+    rows = [xp[:, :, :, i:i + 3, j:j + 3].reshape(N, T, -1) for i in range(Hh) for j in range(Ww)]
+    return torch.stack(rows, 1).reshape(N * Hh * Ww, T, -1)
+
+
 def test_conv_hessian_equals_brute_force_patches():
     model = ConvNet(c_in=2, ch=4, size=6)
     calib = spikes(5, 5, 2, 6, 6)
     [(_, H)], t = stream(model, calib, "conv.m", bs=2, chunk=3000)
-    # brute force: explicit zero padding and slicing, patch order (c, ki, kj) like weight.reshape(R, -1)
-    xp = F.pad(calib, (1, 1, 1, 1))
-    rows = []
-    for i in range(6):
-        for j in range(6):
-            rows.append(xp[:, :, :, i:i + 3, j:j + 3].reshape(5, 5, -1))  # [N, T, 18]
-    X = torch.stack(rows, 1).reshape(5 * 36, 5, 18)  # every position of every sample is a sample
-    assert torch.allclose(H, brute(X, t.kernel.toeplitz(5)), rtol=1e-5, atol=1e-8)
+    assert torch.allclose(H, brute(patches3x3(calib), t.kernel.toeplitz(5)), rtol=1e-5, atol=1e-8)
+
+
+def test_conv_before_max_pool_uses_the_neurons_kernel():
+    """Conv -> MaxPool -> LIF(tau=4): the conv's Hessian applies the LIF's kernel at every conv
+    output position, as if the pool were absent."""
+    model = nn.Sequential(TB(nn.Conv2d(2, 3, 3, padding=1, bias=False)), TB(nn.MaxPool2d(2)), snn.LIF(4.0))
+    calib = spikes(4, 6, 2, 4, 4)
+    [(_, H)], t = stream(model, calib, "0.m", bs=3)
+    h = 0.25 * 0.75 ** torch.arange(6, dtype=torch.float64)  # (1/tau)(1 - 1/tau)^n
+    lag = torch.arange(6)[:, None] - torch.arange(6)[None, :]
+    Km = torch.where(lag >= 0, h[lag.clamp(min=0)], torch.zeros((), dtype=torch.float64))
+    assert torch.allclose(H, brute(patches3x3(calib), Km), rtol=1e-5, atol=1e-8)
 
 
 def test_per_row_kernels_get_their_own_hessians():

@@ -8,8 +8,9 @@ from torch import nn
 
 nt = pytest.importorskip("norse.torch")
 
-import osbc  # noqa: E402
-from osbc import kernels, storage  # noqa: E402
+from osbc import neurons  # noqa: E402
+
+from helpers import C, D, check_prune_and_quantize, prototype_data, train_briefly  # noqa: E402
 
 T = 10
 N = 3
@@ -59,29 +60,19 @@ NEURONS = {
 def test_kernel_matches_norse(name):
     make, multi = NEURONS[name]
     n = make()
-    k = kernels.kernel_of(n)
+    k = neurons.kernel_of(n)
     assert k.name.startswith("norse.")
     torch.testing.assert_close(_membrane(n, multi), k.impulse(T).expand(N, T), rtol=1e-5, atol=1e-6)
 
 
 def test_norse_lif_current_enters_in_the_same_step():
     """norse adds the input to the synaptic current before the membrane update: h[0] = dt/tau_mem."""
-    k = kernels.kernel_of(nt.LIFCell(P(tau_mem_inv=torch.tensor(100.0), tau_syn_inv=torch.tensor(200.0))))
+    k = neurons.kernel_of(nt.LIFCell(P(tau_mem_inv=torch.tensor(100.0), tau_syn_inv=torch.tensor(200.0))))
     h = k.impulse(3)
     assert float(h[0]) == pytest.approx(0.1) and float(h[1]) == pytest.approx(0.9 * 0.1 + 0.1 * 0.8)
 
 
 # ---- compressing a small trained norse model ---------------------------------------------------
-
-TT, D, C = 8, 40, 4
-
-
-def _data(n, seed):
-    g = torch.Generator().manual_seed(seed)
-    proto = torch.rand(C, D, generator=torch.Generator().manual_seed(99)) * 0.6
-    y = torch.randint(0, C, (n,), generator=g)
-    return (torch.rand(n, TT, D, generator=g) < proto[y][:, None]).float(), y
-
 
 class Net(nn.Module):
     """A multi-step LIF layer, then a single-step LIFBoxCell driven by a loop with explicit state."""
@@ -109,55 +100,21 @@ def trained():
     with torch.no_grad():
         net.fc1.weight.mul_(8)
         net.fc2.weight.mul_(8)
-    x, y = _data(128, 1)
-    opt = torch.optim.Adam(net.parameters(), 1e-2)
-    for _ in range(4):
-        for i in range(0, len(x), 32):
-            out = net(x[i:i + 32].transpose(0, 1)).mean(0)
-            loss = nn.functional.mse_loss(out, nn.functional.one_hot(y[i:i + 32], C).float())
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-    return net.eval()
-
-
-def _acc(net, x, y):
-    with torch.no_grad():
-        out = net(x.transpose(0, 1)).mean(0)
-    return float((out.argmax(1) == y).float().mean())
+    return train_briefly(net, n=128, epochs=4)
 
 
 def test_prune_and_quantize_norse(trained):
-    x, y = _data(64, 2)
-    calib = x[:48]
-    assert _acc(trained, x, y) > 0.6
-    targets = osbc.inspect(trained, calib)
+    targets, res, _ = check_prune_and_quantize(trained, lambda m: (m.fc1, m.fc2))
     assert [(t.name, t.neuron_name) for t in targets] == [("fc1", "lif1"), ("fc2", "lif2")]
     assert targets[0].kernel.name == "norse.LIF" and tuple(targets[1].kernel.shape) == (C,)
-
-    res = osbc.prune(trained, calib, sparsity=0.8, method="osbc", allocation="uniform", verbose=False)
-    obc = osbc.prune(trained, calib, sparsity=0.8, method="obc", allocation="uniform", verbose=False)
-    m = res.model
-    assert type(m.lif1) is nt.LIF and type(m.lif2) is nt.LIFBoxCell
-    for lay in (m.fc1, m.fc2):
-        assert float((lay.weight == 0).float().mean()) == pytest.approx(0.8, abs=0.01)
-    assert _acc(m, x, y) >= 0.5
-    e_osbc = [lay.membrane_error for lay in res.report.layers]
-    e_obc = [lay.membrane_error for lay in obc.report.layers]
-    assert sum(e_osbc) < sum(e_obc)
-    assert e_osbc[0] < e_obc[0]
-
-    q = osbc.quantize(trained, calib, bits=4, verbose=False)
-    rep = storage.size_report(q.model)
-    assert [r["values"] for r in rep["layers"]] == ["int", "int"] and all(r["bits"] <= 4 for r in rep["layers"])
-    assert _acc(q.model, x, y) >= 0.5
+    assert type(res.model.lif1) is nt.LIF and type(res.model.lif2) is nt.LIFBoxCell
 
 
 def test_norse_model_exports_to_nir(trained):
     pytest.importorskip("nir")
     from osbc.nir_export import export_nir, run_nir
 
-    x, _ = _data(8, 3)
+    x, _ = prototype_data(8, 3)
     x = x.transpose(0, 1)
     with torch.no_grad():
         y = trained(x)

@@ -9,7 +9,9 @@ from torch import nn
 snn = pytest.importorskip("snntorch")
 
 import osbc  # noqa: E402
-from osbc import kernels, storage  # noqa: E402
+from osbc import neurons  # noqa: E402
+
+from helpers import C, D, check_prune_and_quantize, train_briefly  # noqa: E402
 
 T = 10
 N = 3
@@ -22,7 +24,7 @@ def _membrane(n):
     n.threshold = torch.tensor(float("inf") if n.reset_mechanism == "zero" else 1e30)
 
     def run(amp):
-        kernels.reset_module(n)
+        neurons.reset_module(n)
         x = torch.zeros(T, 1, N)
         x[0] = amp
         out = []
@@ -48,7 +50,7 @@ NEURONS = {
 @pytest.mark.parametrize("name", list(NEURONS))
 def test_kernel_matches_snntorch(name):
     n = NEURONS[name]()
-    k = kernels.kernel_of(n)
+    k = neurons.kernel_of(n)
     h = k.impulse(T)
     torch.testing.assert_close(_membrane(n), h.expand(N, T), rtol=1e-5, atol=1e-6)
     if name.endswith("per_neuron"):
@@ -56,7 +58,7 @@ def test_kernel_matches_snntorch(name):
 
 
 def test_beta_is_clamped_like_snntorch():
-    k = kernels.kernel_of(snn.Leaky(beta=torch.tensor([1.3, -0.2])))
+    k = neurons.kernel_of(snn.Leaky(beta=torch.tensor([1.3, -0.2])))
     torch.testing.assert_close(k.impulse(3), torch.tensor([[1.0, 1, 1], [1, 0, 0]], dtype=torch.float64))
 
 
@@ -69,16 +71,6 @@ def test_reset_zeroes_hidden_state():
 
 
 # ---- compressing a small trained snntorch model ------------------------------------------------
-
-TT, D, C = 8, 40, 4
-
-
-def _data(n, seed):
-    g = torch.Generator().manual_seed(seed)
-    proto = torch.rand(C, D, generator=torch.Generator().manual_seed(99)) * 0.6
-    y = torch.randint(0, C, (n,), generator=g)
-    return (torch.rand(n, TT, D, generator=g) < proto[y][:, None]).float(), y
-
 
 class Net(nn.Module):
     """The usual snntorch style: single-step neurons, a loop over time in forward."""
@@ -104,49 +96,15 @@ class Net(nn.Module):
 @pytest.fixture(scope="module")
 def trained():
     torch.manual_seed(0)
-    net = Net()
-    x, y = _data(192, 1)
-    opt = torch.optim.Adam(net.parameters(), 1e-2)
-    for _ in range(5):
-        for i in range(0, len(x), 32):
-            out = net(x[i:i + 32].transpose(0, 1)).mean(0)
-            loss = nn.functional.mse_loss(out, nn.functional.one_hot(y[i:i + 32], C).float())
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-    return net.eval()
-
-
-def _acc(net, x, y):
-    with torch.no_grad():
-        out = net(x.transpose(0, 1)).mean(0)
-    return float((out.argmax(1) == y).float().mean())
+    return train_briefly(Net(), n=192, epochs=5)
 
 
 def test_prune_and_quantize_snntorch(trained):
-    x, y = _data(64, 2)
-    calib = x[:48]
-    assert _acc(trained, x, y) > 0.6
-    targets = osbc.inspect(trained, calib)
+    targets, res, _ = check_prune_and_quantize(trained, lambda m: (m.fc1, m.fc2))
     assert [(t.name, t.neuron_name, t.mode) for t in targets] == [("fc1", "lif1", "loop"), ("fc2", "lif2", "loop")]
     assert tuple(targets[0].kernel.shape) == (48,)  # per-neuron beta -> per-row kernels
-
-    res = osbc.prune(trained, calib, sparsity=0.8, method="osbc", allocation="uniform", verbose=False)
-    obc = osbc.prune(trained, calib, sparsity=0.8, method="obc", allocation="uniform", verbose=False)
     m = res.model
     assert type(m) is Net and type(m.lif1) is snn.Leaky and type(m.lif2) is snn.Synaptic
-    for lay in (m.fc1, m.fc2):
-        assert float((lay.weight == 0).float().mean()) == pytest.approx(0.8, abs=0.01)
-    assert _acc(m, x, y) >= 0.5  # still an snntorch model that runs its own loop
-    e_osbc = [lay.membrane_error for lay in res.report.layers]
-    e_obc = [lay.membrane_error for lay in obc.report.layers]
-    assert sum(e_osbc) < sum(e_obc)
-    assert e_osbc[0] < e_obc[0]
-
-    q = osbc.quantize(trained, calib, bits=4, verbose=False)
-    rep = storage.size_report(q.model)
-    assert [r["values"] for r in rep["layers"]] == ["int", "int"] and all(r["bits"] <= 4 for r in rep["layers"])
-    assert _acc(q.model, x, y) >= 0.5
 
 
 def test_snntorch_model_exports_to_nir():

@@ -12,7 +12,9 @@ sj_neuron = pytest.importorskip("spikingjelly.activation_based.neuron")
 from spikingjelly.activation_based import functional, layer, surrogate  # noqa: E402
 
 import osbc  # noqa: E402
-from osbc import kernels, storage  # noqa: E402
+from osbc import neurons  # noqa: E402
+
+from helpers import C, D, check_prune_and_quantize, train_briefly  # noqa: E402
 
 T = 12
 SHAPE = (3,)
@@ -60,7 +62,7 @@ def test_kernel_matches_spikingjelly(name, mode):
     if name.startswith("plif"):
         with torch.no_grad():
             n.w.add_(0.3)  # a "learned" time constant
-    k = kernels.kernel_of(n)
+    k = neurons.kernel_of(n)
     assert k.name.startswith("spikingjelly.")
     h = k.impulse(T)
     torch.testing.assert_close(_membrane(n), h.expand(*SHAPE, T), rtol=1e-5, atol=1e-6)
@@ -75,11 +77,11 @@ class _SlowLIF(sj_neuron.SimpleLIFNode):
 
 def test_subclass_with_new_dynamics_is_measured():
     n = _SlowLIF(2.0, True)
-    k = kernels.kernel_of(n)
+    k = neurons.kernel_of(n)
     assert k.name.startswith("probed")
     torch.testing.assert_close(k.impulse(T).reshape(-1), _membrane(n)[0], rtol=1e-5, atol=1e-6)
     # a subclass that keeps the dynamics keeps the exact kernel
-    assert kernels.kernel_of(sj_neuron.OTTTLIFNode(tau=2.0)).name == "spikingjelly.OTTTLIFNode"
+    assert neurons.kernel_of(sj_neuron.OTTTLIFNode(tau=2.0)).name == "spikingjelly.OTTTLIFNode"
 
 
 def test_reset_clears_state_and_allows_deepcopy():
@@ -95,16 +97,6 @@ def test_reset_clears_state_and_allows_deepcopy():
 
 # ---- compressing a small trained spikingjelly model --------------------------------------------
 
-TT, D, C = 8, 40, 4
-
-
-def _data(n, seed):
-    g = torch.Generator().manual_seed(seed)
-    proto = torch.rand(C, D, generator=torch.Generator().manual_seed(99)) * 0.6
-    y = torch.randint(0, C, (n,), generator=g)
-    return (torch.rand(n, TT, D, generator=g) < proto[y][:, None]).float(), y
-
-
 def _sj_mlp():
     net = nn.Sequential(
         layer.Linear(D, 48, bias=False),
@@ -118,52 +110,14 @@ def _sj_mlp():
 @pytest.fixture(scope="module")
 def trained():
     torch.manual_seed(0)
-    net = _sj_mlp()
-    x, y = _data(192, 1)
-    opt = torch.optim.Adam(net.parameters(), 1e-2)
-    for _ in range(6):
-        for i in range(0, len(x), 32):
-            out = net(x[i:i + 32].transpose(0, 1)).mean(0)
-            loss = nn.functional.mse_loss(out, nn.functional.one_hot(y[i:i + 32], C).float())
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-            functional.reset_net(net)
-    return net.eval()
-
-
-def _acc(net, x, y):
-    with torch.no_grad():
-        out = net(x.transpose(0, 1)).mean(0)
-    functional.reset_net(net)
-    return float((out.argmax(1) == y).float().mean())
+    return train_briefly(_sj_mlp(), n=192, epochs=6, after_step=functional.reset_net)
 
 
 def test_prune_and_quantize_spikingjelly(trained):
-    x, y = _data(64, 2)
-    calib = x[:48]
-    assert _acc(trained, x, y) > 0.6
-    targets = osbc.inspect(trained, calib)
+    targets, res, _ = check_prune_and_quantize(trained, lambda m: (m[0], m[2]), after=functional.reset_net)
     assert [t.neuron_name for t in targets] == ["1", "3"]
     assert targets[0].kernel.name == "spikingjelly.LIFNode"
-
-    res = osbc.prune(trained, calib, sparsity=0.8, method="osbc", allocation="uniform", verbose=False)
-    obc = osbc.prune(trained, calib, sparsity=0.8, method="obc", allocation="uniform", verbose=False)
-    m = res.model
-    assert [type(a) for a in m] == [type(a) for a in trained]  # same library, same classes
-    for lay in (m[0], m[2]):
-        assert float((lay.weight == 0).float().mean()) == pytest.approx(0.8, abs=0.01)
-    assert _acc(m, x, y) >= 0.5  # runs in spikingjelly (multi-step), reset by spikingjelly
-    e_osbc = [lay.membrane_error for lay in res.report.layers]
-    e_obc = [lay.membrane_error for lay in obc.report.layers]
-    assert sum(e_osbc) < sum(e_obc)
-    assert e_osbc[0] < e_obc[0]
-
-    q = osbc.quantize(trained, calib, bits=4, verbose=False)
-    rep = storage.size_report(q.model)
-    assert [r["values"] for r in rep["layers"]] == ["int", "int"]
-    assert all(r["bits"] <= 4 for r in rep["layers"])
-    assert _acc(q.model, x, y) >= 0.5
+    assert [type(a) for a in res.model] == [type(a) for a in trained]  # same library, same classes
 
 
 def test_spikingjelly_conv_model_compresses():

@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from osbc import kernels as K
-from osbc import snn
+from osbc import neurons, snn
 
 
 def simulate(neuron, T, shape=(3,)):
@@ -30,7 +30,7 @@ def simulate(neuron, T, shape=(3,)):
 ])
 def test_kernel_equals_simulation(neuron):
     T = 12
-    h = K.kernel_of(neuron).for_rows((3,), 0).impulse(T)
+    h = neurons.kernel_of(neuron).for_rows((3,), 0).impulse(T)
     sim = simulate(neuron, T)
     assert torch.allclose(sim, h[:, None].expand_as(sim), atol=1e-6)
 
@@ -39,14 +39,14 @@ def test_plif_kernel_tracks_learned_tau():
     n = snn.PLIF(2.0)
     with torch.no_grad():
         n.w.fill_(0.3)
-    h = K.kernel_of(n).for_rows((3,), 0).impulse(8)
+    h = neurons.kernel_of(n).for_rows((3,), 0).impulse(8)
     assert torch.allclose(simulate(n, 8)[:, 0], h, atol=1e-6)
 
 
 def test_per_neuron_tau_kernel_rows():
     tau = torch.tensor([2.0, 3.0, 7.0])
     n = snn.LIF(tau)
-    k = K.kernel_of(n).for_rows((3,), 0)
+    k = neurons.kernel_of(n).for_rows((3,), 0)
     assert tuple(k.shape) == (3,)
     h = k.impulse(10)  # [3, T]
     assert torch.allclose(simulate(n, 10).t(), h, atol=1e-6)
@@ -54,11 +54,11 @@ def test_per_neuron_tau_kernel_rows():
 
 def test_per_channel_tau_conv_and_per_pixel_error():
     n = snn.LIF(torch.tensor([2.0, 3.0]).reshape(2, 1, 1))
-    k = K.kernel_of(n).for_rows((2, 4, 4), 0)
+    k = neurons.kernel_of(n).for_rows((2, 4, 4), 0)
     assert tuple(k.shape) == (2,)
     n2 = snn.LIF(1.5 + torch.rand(2, 4, 4))
     with pytest.raises(K.KernelError, match="per pixel"):
-        K.kernel_of(n2).for_rows((2, 4, 4), 0)
+        neurons.kernel_of(n2).for_rows((2, 4, 4), 0)
 
 
 @pytest.mark.parametrize("kernel", [
@@ -121,7 +121,7 @@ class LeakyCustom(nn.Module):
 
 
 def test_probe_unknown_neuron():
-    k = K.kernel_of(LeakyCustom(0.6), (3,), T=10).for_rows((3,), 0)
+    k = neurons.kernel_of(LeakyCustom(0.6), (3,), T=10).for_rows((3,), 0)
     assert torch.allclose(k.impulse(10), torch.tensor([0.6 ** n for n in range(10)], dtype=torch.float64), atol=1e-5)
 
 
@@ -136,7 +136,7 @@ class Squarer(LeakyCustom):
 
 def test_probe_nonlinear_neuron_is_a_clear_error():
     with pytest.raises(K.KernelError, match="not linear"):
-        K.kernel_of(Squarer(), (3,), T=5)
+        neurons.kernel_of(Squarer(), (3,), T=5)
 
 
 def test_lif_rejects_bad_tau():
@@ -162,13 +162,13 @@ def test_adapters_load_only_for_their_own_neurons():
     import subprocess
     import sys
     code = (
-        "import sys, torch; from torch import nn; import osbc; from osbc import snn, kernels, interop\n"
+        "import sys, torch; from torch import nn; import osbc; from osbc import snn, neurons, interop\n"
         "m = nn.Sequential(nn.Linear(4, 3), snn.LIF(2.0))\n"
         "osbc.prune(m, torch.rand(8, 5, 4), sparsity=0.5, verbose=False)\n"
         "assert not any(k.split('.')[0] in interop.LIBRARIES for k in sys.modules), sorted(sys.modules)\n"
         "assert interop.AVAILABLE == []\n"
         "try:\n    import norse.torch as nt\nexcept ImportError:\n    print('ok'); sys.exit()\n"
-        "assert kernels.kernel_of(nt.LIFBoxCell()).name and interop.AVAILABLE == ['norse']\n"
+        "assert neurons.kernel_of(nt.LIFBoxCell()).name and interop.AVAILABLE == ['norse']\n"
         "print('ok')\n")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-2000:]

@@ -5,7 +5,7 @@ import torch
 from torch import nn
 
 from osbc import models, snn
-from osbc.discover import find_modules
+from osbc.trace import find_modules
 
 
 def _weights(model):

@@ -11,6 +11,7 @@ from torch import nn
 
 import osbc
 from osbc import models, snn
+from osbc.errors import OsbcError
 
 nir = pytest.importorskip("nir")
 pytest.importorskip("h5py")
@@ -201,3 +202,21 @@ def test_cli_export_nir(tmp_path, capsys):
     g = nir.read(str(out))
     assert math.isclose(float(g.metadata["dt"]), 1e-4)
     assert cli.main(["export-nir", str(ck), "-o", str(out)]) == 1  # exists, no --force
+
+
+def test_branching_model_is_refused():
+    """A residual add is not a chain: exporting the call order would silently drop the shortcut."""
+
+    class Res(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc1, self.fc2, self.lif = nn.Linear(4, 4), nn.Linear(4, 4), snn.LIF(2.0)
+
+        def forward(self, x):
+            a = self.fc1(x)
+            return self.lif(self.fc2(a) + a)
+
+    with pytest.raises(OsbcError, match="fc1, not only from the layer called before it"):
+        export_nir(Res(), None, sample=torch.zeros(2, 1, 4))
+    short = nn.Sequential(nn.Linear(4, 4), snn.LIF(2.0))
+    export_nir(short, None, sample=torch.zeros(2, 1, 4))  # a chain still exports

@@ -663,7 +663,7 @@ def _args_info(p: argparse.ArgumentParser) -> None:
 def cmd_info(args) -> int:
     import torch
 
-    from . import discover, models
+    from . import models, trace
 
     out = _check_out_file(args.json, args.force, "JSON output")
     if args.model:
@@ -682,7 +682,7 @@ def cmd_info(args) -> int:
     if in_shape is None:
         raise UserError("the model does not record its input shape")
     sample = torch.zeros(int(frames), 1, *in_shape)
-    targets = discover.find_modules(model.eval(), sample)
+    targets = trace.find_modules(model.eval(), sample)
     rows, recs = [], []
     total_w = 0
     for t in targets:

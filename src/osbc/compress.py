@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 
 from . import allocation as _alloc
 from . import solvers
-from .discover import Recorder, Target, batches, find_modules
+from .trace import Recorder, Target, batches, find_modules
 from .hessian import HessianAccumulator
 from .kernels import Kernel
 from .quant import Grid, fit_grid

@@ -2,7 +2,7 @@
 
 Rows of a layer whose neurons share a kernel share one Hessian; per-neuron time constants give
 one Hessian per distinct kernel (clustered when there are too many to hold). Inputs arrive batch
-by batch (see :class:`osbc.discover.Recorder`); conv inputs are unfolded a few samples at a time
+by batch (see :class:`osbc.trace.Recorder`); conv inputs are unfolded a few samples at a time
 so memory stays bounded. Products run in float32 and accumulate in float64.
 """
 
@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .discover import Target
+from .trace import Target
 from .kernels import Kernel
 
 __all__ = ["HessianAccumulator", "kernel_groups"]

@@ -7,26 +7,22 @@ system, so ``u = K I`` with ``K`` lower-triangular Toeplitz, ``K[t, s] = h[t - s
 kernels exactly. Coefficients carry a leading parameter shape so that per-neuron time constants
 give each output row its own kernel.
 
-Neuron families are registered with :func:`register` (kernel + state reset); anything else that
-looks like a neuron is probed numerically with an impulse while spiking is switched off.
+Which kernel a given neuron module has is the neuron registry's business (:mod:`osbc.neurons`).
 """
 
 from __future__ import annotations
 
-import copy
-import re
 from dataclasses import dataclass, field
-from typing import Callable
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
-from . import snn
+from .errors import OsbcError
 
-__all__ = ["Kernel", "register", "kernel_of", "is_neuron", "reset_module", "probe_kernel", "KernelError"]
+__all__ = ["Kernel", "KernelError"]
 
 
-class KernelError(ValueError):
+class KernelError(OsbcError):
     """A neuron whose membrane kernel cannot be determined."""
 
 
@@ -199,154 +195,3 @@ def _fmt(v) -> str:
     if isinstance(v, float):
         return f"{v:.4g}"
     return str(v)
-
-
-# ---- registry ---------------------------------------------------------------------------------
-
-@dataclass
-class _Family:
-    kernel: Callable[[nn.Module], Kernel]
-    reset: Callable[[nn.Module], None] | None
-
-
-_REGISTRY: dict[type, _Family] = {}
-_NEURON_NAME = re.compile(r"(LIF|IF|Node|Neuron|Leaky|Synaptic|Spik|IAF|Izhikevich|Alpha|Lapicque|CUBA)", re.I)
-
-
-def register(cls: type, kernel: Callable[[nn.Module], Kernel], reset: Callable[[nn.Module], None] | None = None):
-    """Teach osbc a neuron type: ``kernel(module) -> Kernel`` and an optional state ``reset``."""
-    _REGISTRY[cls] = _Family(kernel, reset)
-
-
-def _lookup(cls: type) -> _Family | None:
-    return next((_REGISTRY[c] for c in cls.__mro__ if c in _REGISTRY), None)
-
-
-def _family(m: nn.Module) -> _Family | None:
-    fam = _lookup(type(m))
-    if fam is None:
-        from . import interop   # another library's neuron: its adapter registers it on first sight
-        if interop.load_for(type(m)):
-            fam = _lookup(type(m))
-    return fam
-
-
-def is_neuron(m: nn.Module) -> bool:
-    """Registered neuron types, and leaf modules that look like spiking neurons (a threshold
-    attribute or a neuron-like class name) - the latter get a probed kernel."""
-    if _family(m) is not None:
-        return True
-    if isinstance(m, (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.modules.batchnorm._BatchNorm)):
-        return False
-    if any(True for _ in m.children()):
-        return False
-    return hasattr(m, "v_threshold") or hasattr(m, "threshold") or bool(_NEURON_NAME.search(type(m).__name__))
-
-
-def reset_module(m: nn.Module) -> None:
-    fam = _family(m)
-    if fam is not None and fam.reset is not None:
-        fam.reset(m)
-    elif fam is None and hasattr(m, "reset") and callable(m.reset) and is_neuron(m):
-        m.reset()
-
-
-def kernel_of(m: nn.Module, feature_shape: tuple[int, ...] | None = None, T: int = 32) -> Kernel:
-    """The membrane kernel of neuron module ``m`` (registered family, else an impulse probe over
-    ``feature_shape`` and ``T`` steps)."""
-    fam = _family(m)
-    if fam is not None:
-        return fam.kernel(m)
-    if feature_shape is None:
-        raise KernelError(f"{type(m).__name__}: unknown neuron type and no input shape to probe it with")
-    return probe_kernel(m, feature_shape, T)
-
-
-# ---- probing ----------------------------------------------------------------------------------
-
-_THRESHOLD_ATTRS = ("v_threshold", "threshold", "v_th", "thresh")
-_STATE_ATTRS = ("v", "mem", "v_mem", "membrane", "u")
-_THRESHOLD_OFF = 1e30
-
-
-def probe_kernel(m: nn.Module, feature_shape: tuple[int, ...], T: int = 32, amplitude: float = 1e-3) -> Kernel:
-    """Measure h[n] of an unknown neuron: drive a copy with an impulse while spiking is off.
-
-    Spiking is switched off by ``spiking = False`` (osbc's neurons) or by an infinite threshold
-    attribute; the membrane is read from the output (osbc) or from a state attribute after each
-    single-step call. Response to zero input is subtracted so constant leaks cancel."""
-    name = type(m).__name__
-    try:
-        probe = copy.deepcopy(m)
-    except Exception as e:  # noqa: BLE001 - any copy failure means we cannot probe safely
-        raise KernelError(f"{name}: cannot copy the neuron to probe its kernel ({e}); "
-                          "register it with osbc.kernels.register") from e
-    probe.train(False)
-    if isinstance(probe, snn.BaseNode):
-        probe.spiking = False
-        read = None
-    else:
-        thr = [a for a in _THRESHOLD_ATTRS if hasattr(probe, a)]
-        if not thr:
-            raise KernelError(f"{name}: no threshold attribute ({', '.join(_THRESHOLD_ATTRS)}) to switch spiking "
-                              "off; register the neuron with osbc.kernels.register")
-        for a in thr:
-            v = getattr(probe, a)
-            # A huge finite threshold, not inf: a soft reset computes v - spike * threshold, and
-            # 0 * inf = nan would poison the trace.
-            setattr(probe, a, torch.full_like(v, _THRESHOLD_OFF) if isinstance(v, Tensor) else _THRESHOLD_OFF)
-        read = next((a for a in _STATE_ATTRS if hasattr(probe, a)), None)
-        if read is None:
-            raise KernelError(f"{name}: no membrane state attribute ({', '.join(_STATE_ATTRS)}) to read; "
-                              "register the neuron with osbc.kernels.register")
-
-    def response(amp: float, dtype=torch.float64) -> Tensor:
-        # float64 where the neuron allows it: the response to a small impulse is a difference.
-        x = torch.zeros(T, 1, *feature_shape, dtype=dtype)
-        x[0] = amp
-        reset_module(probe)
-        if hasattr(probe, "v") and read is None:
-            probe.reset()
-        with torch.no_grad():
-            if read is None:
-                return probe(x)[:, 0].double()
-            out = []
-            for t in range(T):
-                probe(x[t: t + 1])
-                v = getattr(probe, read)
-                if not isinstance(v, Tensor):
-                    v = torch.full((1, *feature_shape), float(v))
-                out.append(v.reshape(1, *feature_shape)[0].double())
-            return torch.stack(out)
-
-    try:
-        dtype = torch.float64
-        try:
-            base = response(0.0, dtype)
-        except RuntimeError:  # a neuron with float32-only ops
-            dtype = torch.float32
-            base = response(0.0, dtype)
-        r1 = (response(amplitude, dtype) - base) / amplitude
-        r2 = (response(2 * amplitude, dtype) - base) / (2 * amplitude)
-    except Exception as e:  # noqa: BLE001
-        raise KernelError(f"{name}: probing the kernel failed ({type(e).__name__}: {e}); "
-                          "register the neuron with osbc.kernels.register") from e
-    if not torch.isfinite(r1).all() or not torch.allclose(r1, r2, rtol=1e-3, atol=1e-6):
-        raise KernelError(f"{name}: the membrane response is not linear with spiking switched off; "
-                          "register the neuron with osbc.kernels.register")
-    h = r1.movedim(0, -1)  # [*feature_shape, T]
-    return Kernel.fir(h, name=f"probed {name}")
-
-
-# ---- osbc's own neurons -----------------------------------------------------------------------
-
-def _lif_kernel(m: nn.Module) -> Kernel:
-    tau = m.tau.detach().double()
-    k = 1.0 / tau
-    gain = k if m.decay_input else torch.ones_like(k)
-    return Kernel.first_order(1.0 - k, gain, name=type(m).__name__, tau=tau, decay_input=m.decay_input)
-
-
-register(snn.LIF, _lif_kernel, snn.BaseNode.reset)
-register(snn.PLIF, _lif_kernel, snn.BaseNode.reset)
-register(snn.IF, lambda m: Kernel.first_order(1.0, 1.0, name="IF"), snn.BaseNode.reset)

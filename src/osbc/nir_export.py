@@ -5,8 +5,10 @@
 
 Works for chain-shaped ("Sequential-like") models built from osbc's layers, spikingjelly,
 snntorch (models that loop over time in ``forward`` included) and norse. The layer order comes from
-one hooked forward pass on ``sample`` (``[T, B, ...]``; optional for osbc models, which know
-their input shape); every module's first call defines its place in the chain.
+one traced forward pass on ``sample`` (:func:`osbc.trace.trace`; ``[T, B, ...]``, optional for osbc
+models, which know their input shape); every module's first call defines its place in the chain.
+A neuron's node is built from its dynamics in the neuron registry (:mod:`osbc.neurons`): decays,
+gain, threshold, reset value and reset mode.
 
 Time-step convention (``dt`` = the duration of one discrete step, seconds)
 -------------------------------------------------------------------------
@@ -21,7 +23,9 @@ spikingjelly's and snntorch's NIR exporters and importers: a NIR neuron is simul
 * spike when ``v > v_threshold`` (NIR), then ``v <- v_reset``.
 
 Any discrete first-order neuron ``v <- d v + g x + (1 - d) v_rest`` then maps exactly to
-``LIF(tau = dt / (1 - d), r = g / (1 - d), v_leak = v_rest)``; hence
+``LIF(tau = dt / (1 - d), r = g / (1 - d), v_leak = v_rest)`` (``LI`` if it never spikes, ``IF`` if
+``d = 1``), and a synaptic stage ``i <- d1 i + x`` feeding it to ``CubaLIF(tau_syn = dt / (1 - d1),
+w_in = 1 / (1 - d1), ...)``; hence
 
 =========================================  =============================================
 ours                                       NIR
@@ -46,7 +50,8 @@ spikes, checked on the sample) becomes ``SumPool2d`` + ``Threshold(0)``, which i
 function on spikes.
 
 What NIR cannot say: reset by subtraction (soft reset: spikingjelly ``v_reset=None``, snntorch's
-default ``reset_mechanism="subtract"``) - exported as a reset to ``v_reset`` (0) with a warning;
+default ``reset_mechanism="subtract"``) and no reset (snntorch ``"none"``) - exported as a reset to
+``v_reset`` (0) with a warning;
 spikingjelly fires on ``v >= threshold`` where NIR says ``>``; snntorch's ``reset_delay``.
 
 Importers: snntorch 1.0's ``import_from_nir`` hard-codes ``dt = 1e-4`` (export with that dt);
@@ -60,12 +65,16 @@ from __future__ import annotations
 import math
 import os
 import warnings
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 from torch import Tensor, nn
+
+from .errors import OsbcError
+from .layers import WEIGHT_LAYERS
+from .neurons import Dynamics, dynamics_of
+from .trace import BATCH_NORMS, Call, trace
 
 __all__ = ["export_nir", "to_nir", "run_nir", "CONVENTION"]
 
@@ -73,88 +82,6 @@ CONVENTION = ("forward Euler with step dt; synaptic current updated first and us
               "spike when v > v_threshold, then v = v_reset")
 
 _SKIP = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout, nn.Identity)
-_BN = (nn.BatchNorm1d, nn.BatchNorm2d)
-
-
-# ---- recording the chain ---------------------------------------------------------------------
-
-@dataclass
-class _Call:
-    module: nn.Module
-    name: str
-    feat_in: tuple[int, ...]
-    feat_out: tuple[int, ...]
-    binary_in: bool
-    lead: int  # leading (time / batch) dims of the module's input
-
-
-def _first_tensor(x):
-    if isinstance(x, Tensor):
-        return x
-    if isinstance(x, (tuple, list)):
-        for v in x:
-            t = _first_tensor(v)
-            if t is not None:
-                return t
-    return None
-
-
-def _record(model: nn.Module, sample: Tensor) -> list[_Call]:
-    """Leaf modules in the order of their first call, with per-sample feature shapes."""
-    from .snn import reset
-
-    T, B = sample.shape[:2]
-    names = {m: n for n, m in model.named_modules()}
-    raw: dict[nn.Module, list] = {}
-    order: list[nn.Module] = []
-
-    def hook(m, inp, out):
-        x, y = _first_tensor(inp), _first_tensor(out)
-        if x is None or y is None:
-            return
-        if m not in raw:
-            order.append(m)
-            raw[m] = [tuple(x.shape), tuple(y.shape), 0, True]
-        rec = raw[m]
-        rec[2] += 1
-        if rec[3] and x.is_floating_point():
-            rec[3] = bool(((x == 0) | (x == 1)).all())
-
-    from . import kernels
-
-    # neurons are recorded as a unit (spikingjelly's hold their surrogate function as a child
-    # module, which they call): their insides are not
-    neurons = [m for m in model.modules() if kernels.is_neuron(m)]
-    inside = {id(c) for n in neurons for c in n.modules() if c is not n}
-    leaves = [m for m in model.modules() if next(m.children(), None) is None and id(m) not in inside]
-    leaves += [m for m in neurons if next(m.children(), None) is not None]
-    handles = [m.register_forward_hook(hook) for m in leaves]
-    was_training = model.training
-    model.eval()
-    try:
-        reset(model)
-        with torch.no_grad():
-            model(sample)
-    finally:
-        for h in handles:
-            h.remove()
-        reset(model)
-        model.train(was_training)
-
-    def feat(shape: tuple, calls: int) -> tuple[int, ...]:
-        if calls == 1 and shape[:2] == (T, B):
-            return shape[2:]
-        if calls == T or shape[0] == T * B or (calls == 1 and shape[0] == B):
-            return shape[1:]
-        raise ValueError(f"cannot tell time from batch in input shape {shape} ({calls} calls) for a "
-                         f"[T={T}, B={B}] sample")
-
-    calls = []
-    for m in order:
-        xin, yout, n, binary = raw[m]
-        fin = feat(xin, n)
-        calls.append(_Call(m, names.get(m, type(m).__name__), fin, feat(yout, n), binary, len(xin) - len(fin)))
-    return calls
 
 
 # ---- neurons ----------------------------------------------------------------------------------
@@ -164,22 +91,26 @@ def _arr(v, shape) -> np.ndarray:
     try:
         return np.ascontiguousarray(np.broadcast_to(t.numpy(), shape)).astype(np.float32)
     except ValueError:
-        raise ValueError(f"neuron parameter of shape {tuple(t.shape)} does not broadcast to the layer's "
+        raise OsbcError(f"neuron parameter of shape {tuple(t.shape)} does not broadcast to the layer's "
                          f"shape {shape}") from None
 
 
-def _first_order(shape, dt, d, g, v_rest, v_th, v_reset, name) -> "object":
-    """v <- d v + g x + (1 - d) v_rest, spike at v_th, reset to v_reset -> NIR LIF (or IF if d == 1)."""
+def _first_order(shape, dt, d, g, v_rest, v_th, v_reset, name, spiking=True):
+    """v <- d v + g x + (1 - d) v_rest, spike at v_th, reset to v_reset -> NIR LIF (IF if d == 1;
+    LI without spikes)."""
     import nir
 
     d = torch.as_tensor(d, dtype=torch.float64)
     g = torch.as_tensor(g, dtype=torch.float64)
-    if bool((d == 1).all()):
+    if spiking and bool((d == 1).all()):
         return nir.IF(r=_arr(g / dt, shape), v_threshold=_arr(v_th, shape), v_reset=_arr(v_reset, shape))
     if bool((d >= 1).any()) or bool((d < 0).any()):
-        raise ValueError(f"{name}: decay {d.tolist()} outside [0, 1) has no NIR LIF equivalent")
-    return nir.LIF(tau=_arr(dt / (1 - d), shape), r=_arr(g / (1 - d), shape), v_leak=_arr(v_rest, shape),
-                   v_threshold=_arr(v_th, shape), v_reset=_arr(v_reset, shape))
+        raise OsbcError(f"{name}: decay {d.tolist()} outside [0, 1) has no NIR {'LIF' if spiking else 'LI'} "
+                        "equivalent")
+    kw = dict(tau=_arr(dt / (1 - d), shape), r=_arr(g / (1 - d), shape), v_leak=_arr(v_rest, shape))
+    if not spiking:
+        return nir.LI(**kw)
+    return nir.LIF(v_threshold=_arr(v_th, shape), v_reset=_arr(v_reset, shape), **kw)
 
 
 def _second_order(shape, dt, d1, g1, d2, g2, v_rest, v_th, v_reset, name, spiking=True):
@@ -189,7 +120,7 @@ def _second_order(shape, dt, d1, g1, d2, g2, v_rest, v_th, v_reset, name, spikin
     d2 = torch.as_tensor(d2, dtype=torch.float64)
     for d, what in ((d1, "synaptic"), (d2, "membrane")):
         if bool((d >= 1).any()) or bool((d < 0).any()):
-            raise ValueError(f"{name}: {what} decay outside [0, 1) has no NIR CubaLIF equivalent")
+            raise OsbcError(f"{name}: {what} decay outside [0, 1) has no NIR CubaLIF equivalent")
     kw = dict(tau_syn=_arr(dt / (1 - d1), shape), w_in=_arr(g1 / (1 - d1), shape),
               tau_mem=_arr(dt / (1 - d2), shape), r=_arr(g2 / (1 - d2), shape), v_leak=_arr(v_rest, shape))
     if not spiking:
@@ -197,78 +128,19 @@ def _second_order(shape, dt, d1, g1, d2, g2, v_rest, v_th, v_reset, name, spikin
     return nir.CubaLIF(v_threshold=_arr(v_th, shape), v_reset=_arr(v_reset, shape), **kw)
 
 
-def _soft(name: str, what: str) -> None:
-    warnings.warn(f"{name}: {what}; NIR only resets to v_reset, so the graph resets to 0 instead",
-                  stacklevel=4)
+_RESET_WORDS = {"subtract": "reset by subtraction", "none": "no reset after a spike"}
 
 
-def _neuron_node(m: nn.Module, name: str, shape: tuple[int, ...], dt: float):
-    """The NIR node of a neuron module, or None if ``m`` is not a neuron we know."""
-    from . import snn
-
-    cls = type(m)
-    mod = cls.__module__
-
-    # osbc's own neurons and spikingjelly's share semantics (spikingjelly LIFNode etc.)
-    sj = mod.startswith("spikingjelly")
-    if isinstance(m, snn.BaseNode) or sj:
-        kind = None
-        if isinstance(m, (snn.LIF, snn.PLIF)) or cls.__name__ in ("LIFNode", "SimpleLIFNode", "ParametricLIFNode",
-                                                                  "OTTTLIFNode", "SLTTLIFNode"):
-            kind = "lif"
-        elif isinstance(m, snn.IF) or cls.__name__ in ("IFNode", "SimpleIFNode"):
-            kind = "if"
-        if kind is None:
-            return None
-        v_reset = m.v_reset
-        if v_reset is None:
-            _soft(name, "soft reset (v_reset=None)")
-        rest = 0.0 if v_reset is None else float(v_reset)
-        if kind == "if":
-            return _first_order(shape, dt, 1.0, 1.0, 0.0, m.v_threshold, rest, name)
-        if isinstance(m, snn.PLIF) or cls.__name__ == "ParametricLIFNode":
-            k = torch.sigmoid(m.w.detach().double())
-        else:
-            k = 1.0 / torch.as_tensor(m.tau, dtype=torch.float64)
-        g = k if getattr(m, "decay_input", True) else torch.ones_like(k)
-        return _first_order(shape, dt, 1 - k, g, rest, m.v_threshold, rest, name)
-
-    if mod.startswith("snntorch"):
-        import snntorch as sn
-
-        if not isinstance(m, (sn.Leaky, sn.Synaptic)):
-            return None
-        mech = getattr(m, "reset_mechanism", "subtract")
-        if mech != "zero":
-            _soft(name, f"snntorch reset_mechanism={mech!r}")
-        beta = torch.as_tensor(m.beta, dtype=torch.float64).detach().clamp(0, 1)
-        thr = m.threshold.detach()
-        if isinstance(m, sn.Synaptic):
-            alpha = torch.as_tensor(m.alpha, dtype=torch.float64).detach().clamp(0, 1)
-            return _second_order(shape, dt, alpha, 1.0, beta, 1.0, 0.0, thr, 0.0, name)
-        return _first_order(shape, dt, beta, 1.0, 0.0, thr, 0.0, name)
-
-    if mod.startswith("norse"):
-        p = getattr(m, "p", None)
-        dt_n = float(getattr(m, "dt", 1e-3))
-        n = cls.__name__
-        if n in ("IAF", "IAFCell"):
-            return _first_order(shape, dt, 1.0, 1.0, 0.0, p.v_th, p.v_reset, name)
-        if n in ("LIF", "LIFCell", "LI", "LICell"):
-            a = dt_n * torch.as_tensor(p.tau_mem_inv, dtype=torch.float64)
-            b = 1 - dt_n * torch.as_tensor(p.tau_syn_inv, dtype=torch.float64)
-            spiking = n.startswith("LIF")
-            return _second_order(shape, dt, b, 1.0, 1 - a, a, p.v_leak, getattr(p, "v_th", 0.0),
-                                 getattr(p, "v_reset", 0.0), name, spiking=spiking)
-        if n in ("LIFBoxCell", "LIBoxCell"):
-            import nir
-
-            a = dt_n * torch.as_tensor(p.tau_mem_inv, dtype=torch.float64)
-            if n == "LIBoxCell":
-                return nir.LI(tau=_arr(dt / a, shape), r=_arr(1.0, shape), v_leak=_arr(p.v_leak, shape))
-            return _first_order(shape, dt, 1 - a, a, p.v_leak, p.v_th, getattr(p, "v_reset", 0.0), name)
-        return None
-    return None
+def _neuron_node(dyn: Dynamics, name: str, shape: tuple[int, ...], dt: float):
+    """The NIR node of a neuron with dynamics ``dyn`` (from the neuron registry)."""
+    if dyn.spiking and dyn.reset_mode != "zero":
+        warnings.warn(f"{name}: {_RESET_WORDS[dyn.reset_mode]}; NIR only resets to v_reset, so the graph "
+                      f"resets to {dyn.v_reset} instead", stacklevel=4)
+    if dyn.syn_decay is not None:
+        return _second_order(shape, dt, dyn.syn_decay, 1.0, dyn.decay, dyn.gain, dyn.v_rest, dyn.threshold,
+                             dyn.v_reset, name, spiking=dyn.spiking)
+    return _first_order(shape, dt, dyn.decay, dyn.gain, dyn.v_rest, dyn.threshold, dyn.v_reset, name,
+                        spiking=dyn.spiking)
 
 
 # ---- layers -----------------------------------------------------------------------------------
@@ -306,7 +178,7 @@ def _fold_bn(w: Tensor, b: Tensor | None, bn: nn.Module) -> tuple[Tensor, Tensor
     return (w * a.reshape(-1, *([1] * (w.dim() - 1)))).float(), ((b - mean) * a + beta).float()
 
 
-def _flatten_node(c: _Call):
+def _flatten_node(c: Call):
     import nir
 
     m = c.module
@@ -321,10 +193,10 @@ def _flatten_node(c: _Call):
         node = nir.Flatten(input_type={"input": np.array(c.feat_in)}, start_dim=s, end_dim=-1 if e == nd - 1 else e)
         if tuple(int(v) for v in node.output_type["output"]) == tuple(c.feat_out):
             return node
-    raise ValueError(f"{c.name}: cannot express this Flatten ({c.feat_in} -> {c.feat_out}) in NIR")
+    raise OsbcError(f"{c.name}: cannot express this Flatten ({c.feat_in} -> {c.feat_out}) in NIR")
 
 
-def _layer_nodes(calls: list[_Call], dt: float, fold_bn: bool) -> list[tuple[str, object]]:
+def _layer_nodes(calls: list[Call], dt: float, fold_bn: bool) -> list[tuple[str, object]]:
     import nir
 
     from .models import SeqDropout, Voting
@@ -343,13 +215,13 @@ def _layer_nodes(calls: list[_Call], dt: float, fold_bn: bool) -> list[tuple[str
         meta = _weight_meta(m.weight)
         if isinstance(m, nn.Linear):
             if len(c.feat_in) != 1:
-                raise ValueError(f"{name}: Linear on multi-dim features {c.feat_in} is not supported by NIR export")
+                raise OsbcError(f"{name}: Linear on multi-dim features {c.feat_in} is not supported by NIR export")
             node = nir.Linear(weight=_np(w)) if b is None else nir.Affine(weight=_np(w), bias=_np(b))
         elif isinstance(m, nn.Conv2d):
             if m.padding_mode != "zeros" or isinstance(m.padding, str) and m.padding != "valid":
                 pad = m._reversed_padding_repeated_twice if m.padding_mode == "zeros" else None
                 if pad is None or pad[0] != pad[1] or pad[2] != pad[3]:
-                    raise ValueError(f"{name}: only zero, symmetric padding can be exported")
+                    raise OsbcError(f"{name}: only zero, symmetric padding can be exported")
                 padding = (pad[2], pad[0])
             else:
                 padding = (0, 0) if m.padding == "valid" else m.padding
@@ -358,30 +230,30 @@ def _layer_nodes(calls: list[_Call], dt: float, fold_bn: bool) -> list[tuple[str
                               bias=_np(b) if b is not None else np.zeros(w.shape[0], np.float32))
         elif isinstance(m, nn.Conv1d):
             if m.padding_mode != "zeros" or isinstance(m.padding, str):
-                raise ValueError(f"{name}: only explicit zero padding can be exported")
+                raise OsbcError(f"{name}: only explicit zero padding can be exported")
             node = nir.Conv1d(input_shape=int(c.feat_in[-1]), weight=_np(w), stride=int(m.stride[0]),
                               padding=int(m.padding[0]), dilation=int(m.dilation[0]), groups=m.groups,
                               bias=_np(b) if b is not None else np.zeros(w.shape[0], np.float32))
-        else:  # pragma: no cover
-            raise AssertionError
+        else:
+            raise OsbcError(f"{name}: {type(m).__name__} has no NIR export")
         node.metadata = meta
         nodes.append((name, node))
         pending = None
 
     for c in calls:
         m, name = c.module, c.name
-        node = _neuron_node(m, name, tuple(c.feat_in), dt)
-        if node is not None:
+        dyn = dynamics_of(m)
+        if dyn is not None:
             flush()
-            nodes.append((name, node))
+            nodes.append((name, _neuron_node(dyn, name, tuple(c.feat_in), dt)))
             continue
-        if isinstance(m, (nn.Linear, nn.Conv1d, nn.Conv2d)):
+        if isinstance(m, WEIGHT_LAYERS):
             flush()
             pending = (name, m, m.weight.detach(), None if m.bias is None else m.bias.detach(), c)
             continue
-        if isinstance(m, _BN):
+        if isinstance(m, BATCH_NORMS):
             if pending is None or not fold_bn:
-                raise ValueError(f"{name}: a BatchNorm must follow a Linear/Conv to be folded into it for NIR")
+                raise OsbcError(f"{name}: a BatchNorm must follow a Linear/Conv to be folded into it for NIR")
             pn, pm, w, b, pc = pending
             w, b = _fold_bn(w, b, m)
             pending = (pn, pm, w, b, pc)
@@ -392,17 +264,17 @@ def _layer_nodes(calls: list[_Call], dt: float, fold_bn: bool) -> list[tuple[str
                 nodes.append((name, _flatten_node(c)))
         elif isinstance(m, nn.MaxPool2d):
             if not c.binary_in:
-                raise ValueError(f"{name}: MaxPool2d on non-binary input has no NIR equivalent (on spikes it "
+                raise OsbcError(f"{name}: MaxPool2d on non-binary input has no NIR equivalent (on spikes it "
                                  "is exported as SumPool2d + Threshold)")
             if m.ceil_mode or any(int(d) != 1 for d in _pair(m.dilation)):
-                raise ValueError(f"{name}: MaxPool2d with ceil_mode or dilation cannot be exported")
+                raise OsbcError(f"{name}: MaxPool2d with ceil_mode or dilation cannot be exported")
             stride = m.stride if m.stride is not None else m.kernel_size
             nodes.append((name, nir.SumPool2d(kernel_size=_pair(m.kernel_size), stride=_pair(stride),
                                               padding=_pair(m.padding))))
             nodes.append((f"{name}_or", nir.Threshold(threshold=np.zeros(c.feat_out, np.float32))))
         elif isinstance(m, nn.AvgPool2d):
             if m.ceil_mode or (any(_pair(m.padding)) and not m.count_include_pad):
-                raise ValueError(f"{name}: AvgPool2d with ceil_mode or count_include_pad=False cannot be exported")
+                raise OsbcError(f"{name}: AvgPool2d with ceil_mode or count_include_pad=False cannot be exported")
             stride = m.stride if m.stride is not None else m.kernel_size
             nodes.append((name, nir.AvgPool2d(kernel_size=_pair(m.kernel_size), stride=_pair(stride),
                                               padding=_pair(m.padding))))
@@ -412,7 +284,7 @@ def _layer_nodes(calls: list[_Call], dt: float, fold_bn: bool) -> list[tuple[str
             w = np.kron(np.eye(n_out, dtype=np.float32), np.full((1, g), 1.0 / g, np.float32))
             nodes.append((name, nir.Linear(weight=w)))
         else:
-            raise ValueError(f"{name}: {type(m).__module__}.{type(m).__name__} has no NIR export")
+            raise OsbcError(f"{name}: {type(m).__module__}.{type(m).__name__} has no NIR export")
     flush()
     return nodes
 
@@ -430,7 +302,7 @@ def _node_name(name: str, used: set) -> str:
 def _default_sample(model: nn.Module) -> Tensor:
     shape = getattr(model, "in_shape", None)
     if shape is None:
-        raise ValueError("pass sample=[T, B, ...] (one input batch, time-major) so that the layer order and "
+        raise OsbcError("pass sample=[T, B, ...] (one input batch, time-major) so that the layer order and "
                          "shapes can be read from a forward pass")
     return torch.zeros(3, 2, *shape)
 
@@ -441,13 +313,22 @@ def to_nir(model: nn.Module, dt: float = 1e-3, sample: Tensor | None = None, *, 
     import nir
 
     if not (isinstance(dt, (int, float)) and dt > 0 and math.isfinite(dt)):
-        raise ValueError(f"dt must be a positive number of seconds, got {dt!r}")
+        raise OsbcError(f"dt must be a positive number of seconds, got {dt!r}")
     sample = _default_sample(model) if sample is None else sample
     if sample.dim() < 3:
-        raise ValueError(f"sample must be time-major [T, B, ...], got shape {tuple(sample.shape)}")
-    calls = _record(model, sample)
+        raise OsbcError(f"sample must be time-major [T, B, ...], got shape {tuple(sample.shape)}")
+    calls = trace(model, sample).calls
+    for i, c in enumerate(calls):
+        if c.mode is None or c.out_mode is None:
+            raise OsbcError(f"{c.name}: cannot tell time from batch in its calls {c.in_shapes[:3]} -> "
+                            f"{c.out_shapes[:3]} for a [T={sample.shape[0]}, B={sample.shape[1]}] sample")
+        # the data flow must follow the call order: a residual add or a branch would be exported wrong
+        other = c.sources - {calls[i - 1]} if i else c.sources
+        if other:
+            raise OsbcError(f"{c.name}: its input comes from {', '.join(sorted(o.name for o in other))}, not "
+                            f"only from the layer called before it; NIR export handles chain-shaped models only")
     if not calls:
-        raise ValueError("the model ran no layers on the sample")
+        raise OsbcError("the model ran no layers on the sample")
     layer_nodes = _layer_nodes(calls, float(dt), fold_bn)
     used: set = set()
     nodes = {"input": nir.Input(input_type={"input": np.array(calls[0].feat_in)})}
@@ -498,7 +379,7 @@ def run_nir(graph, x: Tensor, dt: float | None = None) -> Tensor:
         dt = float((graph.metadata or {}).get("dt", 1e-3))
     succ = {a: b for a, b in graph.edges}
     if len(succ) != len(graph.edges):
-        raise ValueError("run_nir handles chain-shaped graphs only")
+        raise OsbcError("run_nir handles chain-shaped graphs only")
     key = next(k for k, n in graph.nodes.items() if type(n).__name__ == "Input")
     chain = []
     while key in succ:
@@ -569,6 +450,6 @@ def run_nir(graph, x: Tensor, dt: float | None = None) -> Tensor:
                     h = v
                 st["i"], st["v"] = i_s, v
             else:
-                raise ValueError(f"run_nir: node type {kind} is not supported")
+                raise OsbcError(f"run_nir: node type {kind} is not supported")
         outs.append(h)
     return torch.stack(outs).to(x.dtype if x.is_floating_point() else torch.float32)

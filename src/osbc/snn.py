@@ -13,6 +13,8 @@ import math
 import torch
 from torch import Tensor, nn
 
+from . import neurons
+
 __all__ = ["LIF", "IF", "PLIF", "BaseNode", "reset", "surrogate_spike"]
 
 
@@ -171,9 +173,33 @@ class IF(BaseNode):
 
 def reset(model: nn.Module) -> nn.Module:
     """Clear the state of every stateful neuron in ``model`` (ours and, where installed, other
-    libraries' - see :mod:`osbc.interop`). Returns the model."""
-    from . import kernels  # the registry knows how each neuron family resets
-
+    libraries' - see :mod:`osbc.interop`), each the way the neuron registry says. Returns the model."""
     for m in model.modules():
-        kernels.reset_module(m)
+        neurons.reset_module(m)
     return model
+
+
+# ---- what the neuron registry knows about these neurons ------------------------------------------
+
+def _reset_rule(m: BaseNode) -> dict:
+    rest = 0.0 if m.v_reset is None else m.v_reset
+    return dict(threshold=m.v_threshold, v_rest=rest, v_reset=rest,
+                reset_mode="subtract" if m.v_reset is None else "zero")
+
+
+def _lif_dynamics(m: nn.Module) -> neurons.Dynamics:
+    # v <- v + (x - (v - v_rest)) / tau (decay_input) or v - (v - v_rest) / tau + x
+    tau = m.tau.detach().double()
+    k = 1.0 / tau
+    gain = k if m.decay_input else torch.ones_like(k)
+    return neurons.Dynamics(1.0 - k, gain, type(m).__name__, params=dict(tau=tau, decay_input=m.decay_input),
+                            **_reset_rule(m))
+
+
+def _if_dynamics(m: nn.Module) -> neurons.Dynamics:
+    return neurons.Dynamics(1.0, 1.0, "IF", **_reset_rule(m))
+
+
+neurons.register(LIF, _lif_dynamics, BaseNode.reset)
+neurons.register(PLIF, _lif_dynamics, BaseNode.reset)
+neurons.register(IF, _if_dynamics, BaseNode.reset)

@@ -289,7 +289,7 @@ def evaluate(model: nn.Module, data, *, batch_size: int = 128, device: str | tor
              stats: bool = True, max_samples: int | None = None, progress: bool = False) -> Evaluation:
     """Accuracy of ``model`` on ``data`` and, with ``stats=True``, per-layer firing rates, synaptic
     operations, weight sparsity and model size (see :class:`Evaluation`)."""
-    from . import kernels
+    from . import neurons
 
     dev = resolve_device(device) if not isinstance(device, torch.device) else device
     was_training = model.training
@@ -299,7 +299,7 @@ def evaluate(model: nn.Module, data, *, batch_size: int = 128, device: str | tor
     synops = {"sparse": 0.0, "dense": 0.0}
     if stats:
         for name, m in model.named_modules():
-            if kernels.is_neuron(m):
+            if neurons.is_neuron(m):
                 spikes[name] = [0.0, 0]
 
                 def hook(mod, inp, out, name=name):

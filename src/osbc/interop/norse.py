@@ -1,7 +1,7 @@
 """norse neurons for osbc.
 
 norse neurons are forward-Euler discretisations with step ``dt`` (``module.dt``) of
-continuous-time models whose parameters live in ``module.p``. Membrane kernels, with
+continuous-time models whose parameters live in ``module.p``. Dynamics (hence membrane kernels), with
 ``a = dt * p.tau_mem_inv`` and ``b = 1 - dt * p.tau_syn_inv``, from norse's step functions with
 the threshold ignored and checked against norse's own simulation in
 ``tests/test_interop_norse.py``:
@@ -9,8 +9,8 @@ the threshold ignored and checked against norse's own simulation in
 * ``LIF`` / ``LIFCell`` (``lif_feed_forward_step``): the input current jumps first
   (``j = i + I``), then ``v <- v + a (v_leak - v + j)`` and ``i <- b j``. So with ``j[t] = b j[t-1]
   + I[t]`` and ``v[t] = (1 - a) v[t-1] + a j[t]``: h[n] = a sum_{i+j=n} b^i (1-a)^j
-  = a ((1-a)^(n+1) - b^(n+1)) / ((1-a) - b). This is REFERENCE's formula; the current enters the
-  membrane in the same step it arrives (the simulation confirms h[0] = a, not 0).
+  = a ((1-a)^(n+1) - b^(n+1)) / ((1-a) - b): the current enters the membrane in the same step it
+  arrives (the simulation confirms h[0] = a, not 0).
 * ``LIFBoxCell``: ``v <- v + a (I + v_leak - v)`` -> h[n] = a (1 - a)^n
 * ``IAF`` / ``IAFCell``: ``v <- v + I`` -> h[n] = 1
 * ``LI`` / ``LICell`` (leaky integrator readouts, no spikes: the membrane is the output), same
@@ -33,9 +33,9 @@ from norse.torch.module import lif as _lif
 from norse.torch.module import lif_box as _lifbox
 from torch import nn
 
-from ..kernels import Kernel, register
+from ..neurons import Dynamics, register
 
-__all__ = ["lif_kernel", "box_kernel", "iaf_kernel"]
+__all__ = ["lif_dynamics", "box_dynamics", "iaf_dynamics"]
 
 
 def _t(v) -> torch.Tensor:
@@ -46,32 +46,41 @@ def _dt(m: nn.Module) -> float:
     return float(getattr(m, "dt", 1e-3))
 
 
-def lif_kernel(m: nn.Module) -> Kernel:
+def _spikes(m: nn.Module) -> dict:
+    """Threshold and reset of spiking modules (hard reset to ``v_reset``); leaky integrators
+    (``LI*``, no ``v_th``) never spike."""
+    p = m.p
+    if not hasattr(p, "v_th"):
+        return dict(v_rest=p.v_leak, reset_mode="none")
+    return dict(threshold=p.v_th, v_rest=getattr(p, "v_leak", 0.0), v_reset=getattr(p, "v_reset", 0.0))
+
+
+def lif_dynamics(m: nn.Module) -> Dynamics:
     """``LIF``, ``LIFCell``, ``LI``, ``LICell``: current (decay b) feeding the membrane (decay 1-a)."""
     dt = _dt(m)
     a = dt * _t(m.p.tau_mem_inv)
     b = 1.0 - dt * _t(m.p.tau_syn_inv)
-    return Kernel.second_order(b, 1.0 - a, a, name=f"norse.{type(m).__name__}",
-                               tau_mem=1.0 / _t(m.p.tau_mem_inv), tau_syn=1.0 / _t(m.p.tau_syn_inv), dt=dt)
+    return Dynamics(1.0 - a, a, f"norse.{type(m).__name__}", syn_decay=b, **_spikes(m),
+                    params=dict(tau_mem=1.0 / _t(m.p.tau_mem_inv), tau_syn=1.0 / _t(m.p.tau_syn_inv), dt=dt))
 
 
-def box_kernel(m: nn.Module) -> Kernel:
+def box_dynamics(m: nn.Module) -> Dynamics:
     """``LIFBoxCell``, ``LIBoxCell``: the membrane alone, h[n] = a (1 - a)^n."""
     dt = _dt(m)
     a = dt * _t(m.p.tau_mem_inv)
-    return Kernel.first_order(1.0 - a, a, name=f"norse.{type(m).__name__}",
-                              tau_mem=1.0 / _t(m.p.tau_mem_inv), dt=dt)
+    return Dynamics(1.0 - a, a, f"norse.{type(m).__name__}", **_spikes(m),
+                    params=dict(tau_mem=1.0 / _t(m.p.tau_mem_inv), dt=dt))
 
 
-def iaf_kernel(m: nn.Module) -> Kernel:
-    """``IAF``, ``IAFCell``: h[n] = 1 (``dt`` unused by norse's IAF step)."""
-    return Kernel.first_order(1.0, 1.0, name=f"norse.{type(m).__name__}")
+def iaf_dynamics(m: nn.Module) -> Dynamics:
+    """``IAF``, ``IAFCell``: h[n] = 1 (``dt`` unused by norse's IAF step; no leak)."""
+    return Dynamics(1.0, 1.0, f"norse.{type(m).__name__}", threshold=m.p.v_th, v_reset=m.p.v_reset)
 
 
 # norse modules are stateless between calls: no reset needed (None).
 for _cls in (_lif.LIF, _lif.LIFCell, _li.LI, _li.LICell):
-    register(_cls, lif_kernel, None)
+    register(_cls, lif_dynamics, None)
 for _cls in (_lifbox.LIFBoxCell, _libox.LIBoxCell):
-    register(_cls, box_kernel, None)
+    register(_cls, box_dynamics, None)
 for _cls in (_iaf.IAF, _iaf.IAFCell):
-    register(_cls, iaf_kernel, None)
+    register(_cls, iaf_dynamics, None)

@@ -1,6 +1,6 @@
 """snntorch neurons for osbc.
 
-Membrane kernels from snntorch's state functions with the reset term ignored (REFERENCE §2),
+Dynamics from snntorch's state functions (membrane kernels with the reset term ignored),
 checked against snntorch's own simulation in ``tests/test_interop_snntorch.py``:
 
 * ``Leaky(beta)``: ``mem = beta * mem + input`` -> h[n] = beta^n
@@ -24,25 +24,31 @@ import snntorch as _snn
 import torch
 from torch import nn
 
-from ..kernels import Kernel, register
+from ..neurons import Dynamics, register
 
-__all__ = ["leaky_kernel", "synaptic_kernel", "reset"]
+__all__ = ["leaky_dynamics", "synaptic_dynamics", "reset"]
 
 
 def _decay(v) -> torch.Tensor:
     return torch.as_tensor(v, dtype=torch.float64).detach().cpu().clamp(0, 1)
 
 
-def leaky_kernel(m: nn.Module) -> Kernel:
+def _spikes(m: nn.Module) -> dict:
+    # reset_mechanism: "subtract" (snntorch's default), "zero" or "none"; the membrane rests at 0
+    return dict(threshold=m.threshold.detach(), reset_mode=getattr(m, "reset_mechanism", "subtract"))
+
+
+def leaky_dynamics(m: nn.Module) -> Dynamics:
     """``Leaky``: h[n] = beta^n (beta clamped to [0, 1] as snntorch does)."""
     beta = _decay(m.beta)
-    return Kernel.first_order(beta, 1.0, name="snntorch.Leaky", beta=beta)
+    return Dynamics(beta, 1.0, "snntorch.Leaky", params=dict(beta=beta), **_spikes(m))
 
 
-def synaptic_kernel(m: nn.Module) -> Kernel:
+def synaptic_dynamics(m: nn.Module) -> Dynamics:
     """``Synaptic``: a synaptic current (decay alpha) feeding the membrane (decay beta)."""
     alpha, beta = _decay(m.alpha), _decay(m.beta)
-    return Kernel.second_order(alpha, beta, 1.0, name="snntorch.Synaptic", alpha=alpha, beta=beta)
+    return Dynamics(beta, 1.0, "snntorch.Synaptic", syn_decay=alpha, params=dict(alpha=alpha, beta=beta),
+                    **_spikes(m))
 
 
 def reset(m: nn.Module) -> None:
@@ -58,5 +64,5 @@ def reset(m: nn.Module) -> None:
             setattr(m, name, torch.zeros_like(v))
 
 
-register(_snn.Leaky, leaky_kernel, reset)
-register(_snn.Synaptic, synaptic_kernel, reset)
+register(_snn.Leaky, leaky_dynamics, reset)
+register(_snn.Synaptic, synaptic_dynamics, reset)

@@ -1,7 +1,7 @@
 """spikingjelly (``spikingjelly.activation_based``) neurons for osbc.
 
-Membrane kernels, from the neuron's charge equation with the threshold ignored
-(``H[t] = f(V[t-1], X[t])``; REFERENCE §2), checked against spikingjelly's own simulation in
+Dynamics from the neuron's charge equation ``H[t] = f(V[t-1], X[t])`` (membrane kernels with the
+threshold ignored), checked against spikingjelly's own simulation in
 ``tests/test_interop_spikingjelly.py``:
 
 * ``LIFNode(tau, decay_input=True)``:  ``H = V + (X - (V - V_reset)) / tau`` -> h[n] = (1/tau)(1 - 1/tau)^n
@@ -24,9 +24,10 @@ import torch
 from spikingjelly.activation_based import neuron as _sjn
 from torch import nn
 
-from ..kernels import Kernel, KernelError, probe_kernel, register
+from ..kernels import Kernel, KernelError
+from ..neurons import Dynamics, probe_kernel, register
 
-__all__ = ["lif_kernel", "plif_kernel", "if_kernel", "reset"]
+__all__ = ["lif_dynamics", "plif_dynamics", "if_dynamics", "reset"]
 
 # Methods through which a subclass could change the subthreshold dynamics.
 _DYNAMICS = ("neuronal_charge", "single_step_functional_forward", "multi_step_functional_forward",
@@ -46,37 +47,49 @@ def _checked(m: nn.Module, base: type, analytic: Kernel, T: int = 32) -> Kernel:
         probed = probe_kernel(m, (1,), T)
     except KernelError as e:
         raise KernelError(f"{type(m).__name__} subclasses spikingjelly {base.__name__} but changes its "
-                          f"dynamics, and probing it failed ({e}); register it with osbc.kernels.register") from e
+                          f"dynamics, and probing it failed ({e}); register it with osbc.neurons.register") from e
     h = probed.impulse(T).reshape(-1)
     if torch.allclose(h, analytic.impulse(T).reshape(-1), rtol=1e-4, atol=1e-6):
         return analytic
     return probed
 
 
-def _lif_from_k(m: nn.Module, k: torch.Tensor, name: str, **params) -> Kernel:
+def _first_order(m: nn.Module, decay, gain, **params) -> Dynamics:
+    rest = 0.0 if m.v_reset is None else m.v_reset
+    return Dynamics(decay, gain, f"spikingjelly.{type(m).__name__}", threshold=m.v_threshold, v_rest=rest,
+                    v_reset=rest, reset_mode="subtract" if m.v_reset is None else "zero", params=params)
+
+
+def _lif(m: nn.Module, k: torch.Tensor, **params) -> Dynamics:
+    """``H = V + (X - (V - V_reset)) k`` (decay_input) or ``H = V - (V - V_reset) k + X``."""
     k = torch.as_tensor(k, dtype=torch.float64).detach().cpu()
-    gain = k if getattr(m, "decay_input", True) else torch.ones_like(k)
-    return Kernel.first_order(1.0 - k, gain, name=name, decay_input=bool(getattr(m, "decay_input", True)), **params)
+    decay_input = bool(getattr(m, "decay_input", True))
+    gain = k if decay_input else torch.ones_like(k)
+    return _first_order(m, 1.0 - k, gain, decay_input=decay_input, **params)
 
 
-def lif_kernel(m: nn.Module) -> Kernel:
+def lif_dynamics(m: nn.Module) -> Dynamics:
     """``LIFNode`` / ``SimpleLIFNode``: decay ``1 - 1/tau``, gain ``1/tau`` (``decay_input``) or 1."""
     tau = torch.as_tensor(m.tau, dtype=torch.float64).detach().cpu()
-    base = _sjn.SimpleLIFNode if isinstance(m, _sjn.SimpleLIFNode) else _sjn.LIFNode
-    return _checked(m, base, _lif_from_k(m, 1.0 / tau, f"spikingjelly.{type(m).__name__}", tau=tau))
+    return _lif(m, 1.0 / tau, tau=tau)
 
 
-def plif_kernel(m: nn.Module) -> Kernel:
+def plif_dynamics(m: nn.Module) -> Dynamics:
     """``ParametricLIFNode``: as LIF with ``1/tau = sigmoid(w)``."""
     k = torch.sigmoid(m.w.detach().double().cpu())
-    return _checked(m, _sjn.ParametricLIFNode,
-                    _lif_from_k(m, k, f"spikingjelly.{type(m).__name__}", tau=1.0 / k))
+    return _lif(m, k, tau=1.0 / k)
 
 
-def if_kernel(m: nn.Module) -> Kernel:
+def if_dynamics(m: nn.Module) -> Dynamics:
     """``IFNode`` / ``SimpleIFNode``: a perfect integrator, h[n] = 1."""
-    base = _sjn.SimpleIFNode if isinstance(m, _sjn.SimpleIFNode) else _sjn.IFNode
-    return _checked(m, base, Kernel.first_order(1.0, 1.0, name=f"spikingjelly.{type(m).__name__}"))
+    return _first_order(m, 1.0, 1.0)
+
+
+def _kernel(base: type, dynamics):
+    """The kernel of ``base``'s dynamics, checked against subclasses that change them."""
+    def kernel(m: nn.Module) -> Kernel:
+        return _checked(m, base, dynamics(m).kernel())
+    return kernel
 
 
 def reset(m: nn.Module) -> None:
@@ -84,8 +97,6 @@ def reset(m: nn.Module) -> None:
     m.reset()
 
 
-register(_sjn.LIFNode, lif_kernel, reset)
-register(_sjn.ParametricLIFNode, plif_kernel, reset)
-register(_sjn.IFNode, if_kernel, reset)
-register(_sjn.SimpleLIFNode, lif_kernel, reset)
-register(_sjn.SimpleIFNode, if_kernel, reset)
+for _cls, _dyn in ((_sjn.LIFNode, lif_dynamics), (_sjn.ParametricLIFNode, plif_dynamics), (_sjn.IFNode, if_dynamics),
+                   (_sjn.SimpleLIFNode, lif_dynamics), (_sjn.SimpleIFNode, if_dynamics)):
+    register(_cls, _dyn, reset, kernel=_kernel(_cls, _dyn))
