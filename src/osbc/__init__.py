@@ -12,6 +12,8 @@ _LAZY = {"prune": "compress", "quantize": "compress", "inspect": "compress", "Co
          "export_nir": "nir_export", "save_compressed": "storage", "load_compressed": "storage",
          "size_report": "storage", "train": "training", "evaluate": "training", "TrainResult": "training",
          "Evaluation": "training", "save": "checkpoint", "load": "checkpoint"}
+_LAZY.update({"freeze_sparsity": "deploy", "unfreeze_sparsity": "deploy", "quantized_codes": "deploy",
+              "QuantizedCodes": "deploy"})
 
 
 def __getattr__(name: str):
@@ -27,3 +29,4 @@ __version__ = "0.1.0"
 __all__ = ["prune", "quantize", "inspect", "Compressed", "Report", "LayerReport", "train", "evaluate", "save", "load",
            "export_nir", "save_compressed", "load_compressed", "size_report", "snn", "kernels", "models",
            "__version__"]
+__all__ += ["freeze_sparsity", "unfreeze_sparsity", "quantized_codes", "QuantizedCodes"]

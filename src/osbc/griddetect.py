@@ -13,7 +13,7 @@ import math
 import torch
 from torch import Tensor
 
-__all__ = ["detect_grid", "bits_of", "MAX_BITS"]
+__all__ = ["detect_grid", "code_bits", "bits_of", "MAX_BITS"]
 
 MAX_BITS = 8
 _INT_VIEW = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
@@ -24,7 +24,7 @@ def bits_of(t: Tensor) -> Tensor:
     return t.contiguous().view(_INT_VIEW[t.element_size()])
 
 
-def _code_bits(cmin: int, cmax: int) -> int:
+def code_bits(cmin: int, cmax: int) -> int:
     """Two's-complement width holding codes in [cmin, cmax]."""
     b = 1
     while not (-(1 << (b - 1)) <= cmin and cmax <= (1 << (b - 1)) - 1):
@@ -126,7 +126,7 @@ def detect_grid(W2: Tensor, mask: Tensor):
         if s is None:
             continue
         cmin, cmax = int(codes_try.min()), int(codes_try.max())
-        bits = _code_bits(cmin, cmax)
+        bits = code_bits(cmin, cmax)
         if bits > MAX_BITS:
             continue
         return codes_try.to(torch.int8), s, bits

@@ -3,6 +3,9 @@
 Data everywhere follows the dataset convention, time *second*: a sample is ``frames [T, ...]`` with
 an integer label, a batch ``[B, T, ...]``. Models are called time first (``[T, B, ...]``) and
 return ``[T, B, classes]``; the prediction is the argmax of the time mean (the firing rate).
+For evaluation the output may also be a tuple or list whose first element is that tensor, as
+models written like the libraries' tutorials return it: snntorch's ``(spk, mem)``, norse's
+``(out, state)``.
 
 Accepted data: a torch ``Dataset`` of ``(frames, label)``, a ``DataLoader`` (or any iterable of
 ``(x, y)`` batches), or a pair of tensors ``(X [N, T, ...], y [N])``.
@@ -20,6 +23,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
 from . import snn
+from .errors import OsbcError
 
 __all__ = ["train", "evaluate", "TrainResult", "Evaluation", "batches", "predict", "weight_layers",
            "resolve_device"]
@@ -69,12 +73,23 @@ def _time_first(x: Tensor) -> Tensor:
     return x.transpose(0, 1)
 
 
+def _first(out):
+    """The spike tensor of a model's or a neuron's output: the output itself, or the first element
+    of a tuple / list (snntorch's ``(spk, mem)``, norse's ``(out, state)``)."""
+    return out[0] if isinstance(out, (tuple, list)) and len(out) else out
+
+
 def predict(model: nn.Module, x: Tensor) -> Tensor:
     """Run ``model`` on a ``[B, T, ...]`` batch (state reset first); returns the time-mean output
-    ``[B, classes]`` (the firing rates)."""
+    ``[B, classes]`` (the firing rates). The model gets ``[T, B, ...]`` and returns ``[T, B, classes]``,
+    or a tuple / list whose first element is that tensor."""
     snn.reset(model)
-    out = model(_time_first(x))
+    out = _first(model(_time_first(x)))
     snn.reset(model)
+    if not isinstance(out, Tensor) or out.dim() != 3 or out.shape[1] != x.shape[0]:
+        got = tuple(out.shape) if isinstance(out, Tensor) else type(out).__name__
+        raise OsbcError(f"{type(model).__name__} returned {got} for a batch of {x.shape[0]}; a model must return "
+                        "[T, B, classes] (or a tuple whose first element is that tensor), time first")
     return out.float().mean(0)
 
 
@@ -216,7 +231,8 @@ def train(model: nn.Module, train_data, val_data=None, *, epochs: int = 10, batc
 class Evaluation:
     """Accuracy and cost of a spiking model on a data set.
 
-    ``firing_rates``: per neuron layer, spikes per neuron per time step. ``synops``: synaptic
+    ``firing_rates``: per spiking neuron layer, spikes per neuron per time step (layers whose output
+    is not 0/1 spikes, such as leaky-integrator readouts, are left out). ``synops``: synaptic
     operations per sample, summed over time: for every weight layer, each input spike (or event
     count) times the number of non-zero weights it drives. ``synops_dense``: the same spikes driving
     every weight. ``sparsity``: fraction of zero weights over all Linear/Conv weights.
@@ -288,32 +304,45 @@ def _pick(d: dict, keys, default):
 def evaluate(model: nn.Module, data, *, batch_size: int = 128, device: str | torch.device | None = None,
              stats: bool = True, max_samples: int | None = None, progress: bool = False) -> Evaluation:
     """Accuracy of ``model`` on ``data`` and, with ``stats=True``, per-layer firing rates, synaptic
-    operations, weight sparsity and model size (see :class:`Evaluation`)."""
+    operations, weight sparsity and model size (see :class:`Evaluation`).
+
+    The model is called time first on each batch, ``model(x [T, B, ...])``, after a state reset, and
+    returns ``[T, B, classes]`` or a tuple / list whose first element is that tensor (see
+    :func:`predict`): models written as spikingjelly (multi-step), snntorch (a loop over time
+    returning ``(spk, mem)``) and norse (``SequentialState`` returning ``(out, state)``) tutorials
+    write them work as they are. A neuron's firing rate is read from its output, or from the first
+    element when it returns a tuple (snntorch's ``(spk, mem)``, norse's ``(z, state)``)."""
     from . import neurons
 
     dev = resolve_device(device) if not isinstance(device, torch.device) else device
     was_training = model.training
     model.to(dev).eval()
     hooks = []
-    spikes: dict[str, list] = {}
-    synops = {"sparse": 0.0, "dense": 0.0}
+    # Counters stay on the device (float64, so sums add up as exactly as Python floats would):
+    # snntorch models call each neuron once per time step, and a .item() per call would sync each time.
+    zero = torch.zeros((), dtype=torch.float64, device=dev)
+    spikes: dict[str, list] = {}   # name -> [spike sum, entries, all outputs 0/1]
+    synops = {"sparse": zero.clone(), "dense": zero.clone()}
     if stats:
         for name, m in model.named_modules():
             if neurons.is_neuron(m):
-                spikes[name] = [0.0, 0]
+                spikes[name] = [zero.clone(), 0, torch.ones((), dtype=torch.bool, device=dev)]
 
                 def hook(mod, inp, out, name=name):
-                    if isinstance(out, Tensor):
-                        spikes[name][0] += out.float().sum().item()
-                        spikes[name][1] += out.numel()
+                    s = _first(out)
+                    if isinstance(s, Tensor):
+                        acc = spikes[name]
+                        acc[0] += s.float().sum().to(acc[0])
+                        acc[1] += s.numel()
+                        acc[2] &= ((s == 0) | (s == 1)).all().to(acc[2].device)
                 hooks.append(m.register_forward_hook(hook))
         for name, m in weight_layers(model):
             def whook(mod, inp, out):
                 x = inp[0].float()
                 nz = (mod.weight != 0).to(x.dtype)
                 ones = torch.ones_like(mod.weight, dtype=x.dtype)
-                synops["sparse"] += _fanout_apply(mod, x, nz)
-                synops["dense"] += _fanout_apply(mod, x, ones)
+                synops["sparse"] += _fanout_apply(mod, x, nz).to(zero)
+                synops["dense"] += _fanout_apply(mod, x, ones).to(zero)
             hooks.append(m.register_forward_hook(whook))
     t0 = time.time()
     correct = n = 0
@@ -340,10 +369,12 @@ def evaluate(model: nn.Module, data, *, batch_size: int = 128, device: str | tor
         raise ValueError("no samples to evaluate")
     ev = Evaluation(accuracy=correct / n, samples=n, seconds=time.time() - t0)
     if stats:
-        ev.firing_rates = {k: (s / c if c else 0.0) for k, (s, c) in spikes.items()}
+        # Neurons that never ran, and those whose output is not 0/1 spikes (leaky-integrator readouts
+        # such as norse's LI, which output their membrane), have no firing rate.
+        ev.firing_rates = {k: s.item() / c for k, (s, c, binary) in spikes.items() if c and binary.item()}
         ev.mean_firing_rate = sum(ev.firing_rates.values()) / max(1, len(ev.firing_rates))
-        ev.synops = synops["sparse"] / n
-        ev.synops_dense = synops["dense"] / n
+        ev.synops = synops["sparse"].item() / n
+        ev.synops_dense = synops["dense"].item() / n
         zeros = total = 0
         for name, m in weight_layers(model):
             z = (m.weight == 0).sum().item()
@@ -355,16 +386,21 @@ def evaluate(model: nn.Module, data, *, batch_size: int = 128, device: str | tor
     return ev
 
 
-def _fanout_apply(mod: nn.Module, x: Tensor, w: Tensor) -> float:
+def _fanout_apply(mod: nn.Module, x: Tensor, w: Tensor) -> Tensor:
     """sum over inputs of x * (number of non-zero weights of ``w`` it drives), computed by running
-    the layer with the 0/1 weight pattern and summing its output (exact for padding and stride)."""
-    if isinstance(mod, nn.Linear):
-        return F.linear(x, w).sum().item()
+    the layer with the 0/1 weight pattern and summing its output (exact for padding and stride).
+    A 0-d tensor on ``x``'s device."""
+    if isinstance(mod, nn.Linear):  # any leading dims, [T, B, features] included
+        return F.linear(x, w).sum()
     conv = next(fn for cls, fn in ((nn.Conv1d, F.conv1d), (nn.Conv2d, F.conv2d), (nn.Conv3d, F.conv3d))
                 if isinstance(mod, cls))
+    if x.dim() == w.dim() + 1:
+        # A multi-step conv (spikingjelly's layer.Conv2d, step_mode "m") sees [T, B, C, ...] and folds
+        # time into the batch itself before convolving; do the same.
+        x = x.flatten(0, 1)
     if mod.padding_mode != "zeros":
         x = F.pad(x, mod._reversed_padding_repeated_twice, mode=mod.padding_mode)
         pad = 0
     else:
         pad = mod.padding
-    return conv(x, w, None, mod.stride, pad, mod.dilation, mod.groups).sum().item()
+    return conv(x, w, None, mod.stride, pad, mod.dilation, mod.groups).sum()
