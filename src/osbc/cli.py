@@ -881,6 +881,14 @@ def _args_demo(p: argparse.ArgumentParser) -> None:
 
 @_command("demo", "the whole job offline: digits events, train the MLP, prune and quantize, table + JSON + plot")
 def cmd_demo(args) -> int:
+    from .training import pinned_threads
+
+    # one intra-op thread on any machine: torch's CPU sums round differently per thread count
+    with pinned_threads(1):
+        return _demo(args)
+
+
+def _demo(args) -> int:
     t_start = time.time()
     outdir = _check_out_dir(args.out, args.force)
     if args.data not in (None, "digits"):

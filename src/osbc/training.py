@@ -26,7 +26,7 @@ from . import snn
 from .errors import OsbcError
 
 __all__ = ["train", "evaluate", "TrainResult", "Evaluation", "batches", "predict", "weight_layers",
-           "resolve_device"]
+           "resolve_device", "pinned_threads"]
 
 
 # ---- data plumbing ----------------------------------------------------------------------------
@@ -42,6 +42,16 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"device {device!r} requested but CUDA is not available here")
     return dev
+
+
+def pinned_threads(n: int | None):
+    """A context that runs its block with ``n`` intra-op CPU threads (``None``: as set) and then
+    restores the caller's count. torch splits a CPU matrix product or sum among its threads, and
+    the split sets the order of the float additions: a seeded CPU run repeats bit for bit only at
+    the same thread count (whatever the machine's load)."""
+    from .solvers import _threads
+
+    return _threads(n, "cpu")
 
 
 def batches(data, batch_size: int = 64, shuffle: bool = False, seed: int = 0, drop_last: bool = False,
@@ -127,15 +137,21 @@ def train(model: nn.Module, train_data, val_data=None, *, epochs: int = 10, batc
           lr: float = 1e-3, weight_decay: float = 0.0, loss: str = "mse", ce_scale: float = 10.0,
           device: str | torch.device | None = None, amp: bool | None = None, seed: int = 0,
           progress: bool = True, checkpoint: str | None = None, checkpoint_kw: dict | None = None,
-          log: Callable[[str], None] | None = print, num_workers: int = 0) -> TrainResult:
+          log: Callable[[str], None] | None = print, num_workers: int = 0,
+          threads: int | None = None) -> TrainResult:
     """Train ``model`` with Adam and a cosine learning-rate schedule (per step, to 0).
 
     ``loss="mse"``: mean squared error between the output firing rate and the one-hot target (the
     paper); ``"ce"``: cross-entropy with ``ce_scale * rate`` as logits. Mixed precision (float16
-    autocast + gradient scaling) is on by default on CUDA. Seeded: ``seed`` seeds torch's global RNG
-    (dropout) and the shuffling; seed the model's initialisation yourself before building it. After each epoch the model is evaluated on ``val_data`` (if given); the best
-    state is kept in memory, loaded back at the end, and written to ``checkpoint`` (via
-    :func:`osbc.save` with ``checkpoint_kw``) whenever it improves."""
+    autocast + gradient scaling) is on by default on CUDA. After each epoch the model is evaluated
+    on ``val_data`` (if given); the best state is kept in memory, loaded back at the end, and written
+    to ``checkpoint`` (via :func:`osbc.save` with ``checkpoint_kw``) whenever it improves.
+
+    Seeded: ``seed`` seeds torch's global RNG (dropout) and the shuffling (and with it the
+    DataLoader workers' seeds); seed the model's initialisation yourself before building it. On CPU
+    a run repeats bit for bit with the same seed, versions, CPU type and intra-op thread count;
+    ``threads`` fixes that count during training (:func:`pinned_threads`; ``None`` keeps torch's,
+    which defaults to the number of cores)."""
     if epochs < 1:
         raise ValueError(f"epochs must be >= 1, got {epochs}")
     if batch_size < 1:
@@ -161,64 +177,66 @@ def train(model: nn.Module, train_data, val_data=None, *, epochs: int = 10, batc
     t0 = time.time()
     from tqdm.auto import tqdm
 
-    say = log or (lambda s: None)
-    for epoch in range(1, epochs + 1):
-        model.train()
-        te = time.time()
-        tot_loss = tot_correct = tot_n = 0
-        bar = tqdm(loader, total=steps, desc=f"epoch {epoch}/{epochs}", leave=False, disable=not progress,
-                   dynamic_ncols=True)
-        for batch in bar:
-            x, y = _split(batch)
-            if y is None:
-                raise ValueError("training needs labelled batches (x, y)")
-            x, y = x.to(dev, non_blocking=True).float(), y.to(dev, non_blocking=True).long()
+    with pinned_threads(threads if dev.type == "cpu" else None):
+        say = log or (lambda s: None)
+        for epoch in range(1, epochs + 1):
+            model.train()
+            te = time.time()
+            tot_loss = tot_correct = tot_n = 0
+            bar = tqdm(loader, total=steps, desc=f"epoch {epoch}/{epochs}", leave=False, disable=not progress,
+                       dynamic_ncols=True)
+            for batch in bar:
+                x, y = _split(batch)
+                if y is None:
+                    raise ValueError("training needs labelled batches (x, y)")
+                x, y = x.to(dev, non_blocking=True).float(), y.to(dev, non_blocking=True).long()
+                snn.reset(model)
+                with torch.autocast("cuda", dtype=torch.float16, enabled=use_amp):
+                    out = model(_time_first(x))
+                rate = out.float().mean(0)
+                if lossf is None:
+                    classes = rate.shape[-1]
+                    lossf = _loss_fn(loss, classes, ce_scale)
+                lval = lossf(rate, y)
+                opt.zero_grad(set_to_none=True)
+                if scaler is not None:
+                    scaler.scale(lval).backward()
+                    scaler.step(opt)
+                    scaler.update()
+                else:
+                    lval.backward()
+                    opt.step()
+                if sched is not None:
+                    sched.step()
+                n = y.shape[0]
+                tot_loss += lval.item() * n
+                tot_correct += (rate.argmax(-1) == y).sum().item()
+                tot_n += n
+                bar.set_postfix(loss=f"{tot_loss / tot_n:.4f}", acc=f"{100 * tot_correct / tot_n:.1f}%")
+            bar.close()
             snn.reset(model)
-            with torch.autocast("cuda", dtype=torch.float16, enabled=use_amp):
-                out = model(_time_first(x))
-            rate = out.float().mean(0)
-            if lossf is None:
-                classes = rate.shape[-1]
-                lossf = _loss_fn(loss, classes, ce_scale)
-            lval = lossf(rate, y)
-            opt.zero_grad(set_to_none=True)
-            if scaler is not None:
-                scaler.scale(lval).backward()
-                scaler.step(opt)
-                scaler.update()
+            rec = {"epoch": epoch, "loss": tot_loss / max(1, tot_n),
+                   "train_accuracy": tot_correct / max(1, tot_n), "lr": opt.param_groups[0]["lr"]}
+            if val_data is not None:
+                rec["val_accuracy"] = evaluate(model, val_data, batch_size=max(batch_size, 128), device=dev,
+                                               stats=False).accuracy
+                score = rec["val_accuracy"]
             else:
-                lval.backward()
-                opt.step()
-            if sched is not None:
-                sched.step()
-            n = y.shape[0]
-            tot_loss += lval.item() * n
-            tot_correct += (rate.argmax(-1) == y).sum().item()
-            tot_n += n
-            bar.set_postfix(loss=f"{tot_loss / tot_n:.4f}", acc=f"{100 * tot_correct / tot_n:.1f}%")
-        bar.close()
-        snn.reset(model)
-        rec = {"epoch": epoch, "loss": tot_loss / max(1, tot_n), "train_accuracy": tot_correct / max(1, tot_n),
-               "lr": opt.param_groups[0]["lr"]}
-        if val_data is not None:
-            rec["val_accuracy"] = evaluate(model, val_data, batch_size=max(batch_size, 128), device=dev,
-                                           stats=False).accuracy
-            score = rec["val_accuracy"]
-        else:
-            score = None
-        rec["seconds"] = time.time() - te
-        result.history.append(rec)
-        keep = score is None or result.best_accuracy is None or score > result.best_accuracy
-        if keep:
-            best_state = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
-            result.best_accuracy, result.best_epoch = score, epoch
-            if checkpoint is not None:
-                from .checkpoint import save
+                score = None
+            rec["seconds"] = time.time() - te
+            result.history.append(rec)
+            keep = score is None or result.best_accuracy is None or score > result.best_accuracy
+            if keep:
+                best_state = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
+                result.best_accuracy, result.best_epoch = score, epoch
+                if checkpoint is not None:
+                    from .checkpoint import save
 
-                save(model, checkpoint, **(checkpoint_kw or {}))
-        val = f"  val {100 * score:.2f}%" if score is not None else ""
-        say(f"epoch {epoch:>3}/{epochs}  loss {rec['loss']:.4f}  train {100 * rec['train_accuracy']:.2f}%{val}"
-            f"  ({rec['seconds']:.1f}s)" + ("  *" if keep and score is not None else ""))
+                    save(model, checkpoint, **(checkpoint_kw or {}))
+            val = f"  val {100 * score:.2f}%" if score is not None else ""
+            say(f"epoch {epoch:>3}/{epochs}  loss {rec['loss']:.4f}  "
+                f"train {100 * rec['train_accuracy']:.2f}%{val}  ({rec['seconds']:.1f}s)"
+                + ("  *" if keep and score is not None else ""))
     model.load_state_dict(best_state)
     model.eval()
     result.seconds = time.time() - t0

@@ -203,6 +203,15 @@ def _linear_matrix(n_in: int, n_out: int) -> np.ndarray:
     return m
 
 
+def _matmul(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """``a @ b`` (broadcast like ``np.matmul``) summed term by term in index order. A BLAS product's
+    last bits depend on its thread count, and one last bit can move an event across a threshold."""
+    out = a[..., :, 0, None] * b[..., 0, None, :]
+    for k in range(1, a.shape[-1]):
+        out += a[..., :, k, None] * b[..., k, None, :]
+    return out
+
+
 def upsample_images(images: np.ndarray, size: int = 20, pad: int = 4, blur: float = 0.8) -> np.ndarray:
     """Smoothly enlarge square images: linear interpolation to ``size`` x ``size``, a margin of
     ``pad`` pixels, then a Gaussian blur of ``blur`` pixels. The defaults turn scikit-learn's 8x8
@@ -217,8 +226,8 @@ def upsample_images(images: np.ndarray, size: int = 20, pad: int = 4, blur: floa
     if blur > 0:
         r = np.arange(full)
         g = np.exp(-0.5 * ((r[:, None] - r[None, :]) / blur) ** 2)
-        placed = (g / g.sum(1, keepdims=True)) @ placed
-    return np.einsum("ij,njk,lk->nil", placed, imgs, placed, optimize=True)
+        placed = _matmul(g / g.sum(1, keepdims=True), placed)
+    return _matmul(_matmul(placed, imgs), placed.T)
 
 
 # ------------------------------------------------------------------------------------ Digits
