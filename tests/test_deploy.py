@@ -1,12 +1,15 @@
 """osbc.deploy: masks that keep a pruned model's zeros through real fine-tuning (Adam with momentum and
 weight decay), and the integer codes of quantized layers (osbc.quantize per channel, per layer, pow2)."""
 
+import copy
+
 import pytest
 import torch
 import torch.nn.functional as F
 
 import osbc
 from osbc import storage
+from osbc.deploy import is_frozen
 from osbc.errors import OsbcError
 from osbc.training import predict
 
@@ -32,12 +35,6 @@ def pruned(calib):
     return osbc.prune(m, calib, sparsity=0.7, method="magnitude", verbose=False).model
 
 
-def _copy(model):
-    import copy
-
-    return copy.deepcopy(model)
-
-
 def _fine_tune(model, calib, steps=5):
     """A few real training steps: Adam with weight decay, MSE of the output rate to random targets."""
     y = torch.randint(0, OUT, (calib.shape[0],), generator=torch.Generator().manual_seed(1))
@@ -57,11 +54,11 @@ def test_freeze_keeps_zeros_through_adam_and_unfreeze_gives_plain_weights(pruned
     zeros = {n: w == 0 for n, w in before.items()}
     assert all(z.float().mean() > 0.2 for z in zeros.values())
 
-    free = _copy(pruned)            # control: the same training without masks fills the zeros in
+    free = copy.deepcopy(pruned)            # control: the same training without masks fills the zeros in
     _fine_tune(free, calib)
     assert all((free.get_submodule(n).weight[zeros[n]] != 0).any() for n in zeros)
 
-    model = _copy(pruned)
+    model = copy.deepcopy(pruned)
     assert osbc.freeze_sparsity(model) == ["fc1", "fc2"]
     assert osbc.freeze_sparsity(model) == []          # already masked
     _fine_tune(model, calib)
@@ -79,7 +76,7 @@ def test_freeze_keeps_zeros_through_adam_and_unfreeze_gives_plain_weights(pruned
     for n, w in trained.items():
         layer = model.get_submodule(n)
         assert isinstance(layer.weight, torch.nn.Parameter) and torch.equal(layer.weight, w)
-        assert not osbc.deploy.is_frozen(layer)
+        assert not is_frozen(layer)
     tensors, meta = storage.encode_state_dict(model.state_dict())
     back = storage.decode_state_dict(tensors, meta)
     assert all(torch.equal(back[k], v) for k, v in model.state_dict().items())
@@ -91,7 +88,7 @@ def test_freeze_skips_dense_layers():
     with torch.no_grad():
         m.fc2.weight[0, 0] = 0
     assert osbc.freeze_sparsity(m) == ["fc2"]
-    assert not osbc.deploy.is_frozen(m.fc1) and osbc.deploy.is_frozen(m.fc2)
+    assert not is_frozen(m.fc1) and is_frozen(m.fc2)
 
 
 # ---- integer codes -----------------------------------------------------------------------------------

@@ -210,7 +210,8 @@ class _ZipSource(_Source):
             _check_member(where, info.file_size, info.compress_size)
             with self._handle().open(info) as f:
                 return _bounded_read(f, where, info.file_size)
-        except (zipfile.BadZipFile, EOFError, OSError, zlib.error, NotImplementedError) as e:
+        # RuntimeError: an encrypted member; NotImplementedError: an unsupported compression
+        except (zipfile.BadZipFile, EOFError, OSError, zlib.error, NotImplementedError, RuntimeError) as e:
             raise EventFileError(where, None, f"cannot be read from the archive ({e})") from None
 
     def key(self, name: str) -> str:

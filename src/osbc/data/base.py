@@ -42,7 +42,8 @@ class EventDataset(Dataset):
     cached under ``$OSBC_CACHE`` or ``~/.cache/osbc``), a folder, False (integrate on every
     access), or None for the dataset's default (``cache_by_default``): on where a sample costs
     far more to parse than to read back (DVS128 Gesture, CIFAR10-DVS), off for N-MNIST-sized
-    samples, which integrate as fast as a cache file decompresses.
+    samples, which integrate as fast as a cache file decompresses. A cache that cannot be written
+    is skipped with one warning (:class:`~osbc.data.cache.FrameCache`).
     """
 
     name: str = "events"
