@@ -511,3 +511,21 @@ def test_include_exclude(ckpt, root, capsys, tmp_path, flag):
     dense = load(ckpt)
     assert torch.equal(getattr(m, left).weight, getattr(dense, left).weight)
     assert layer_sparsity(getattr(m, touched).weight) == pytest.approx(0.9, abs=0.01)
+
+
+def test_export_nir_takes_model_like_every_command(ckpt, capsys, tmp_path):
+    nir = pytest.importorskip("nir")
+    ck = tmp_path / "mlp.safetensors"
+    ck.write_bytes(Path(ckpt).read_bytes())
+    code, so, se = inproc(capsys, "export-nir", "--model", ck, "--dt", "1e-4")
+    assert code == 0, se
+    out = tmp_path / "mlp.nir"  # default: the checkpoint's name with .nir
+    assert f"wrote {out}" in so
+    g = nir.read(str(out))
+    assert float(g.metadata["dt"]) == pytest.approx(1e-4)
+    assert {"fc1", "fc2"} <= set(g.nodes)
+    code, _, se = inproc(capsys, "export-nir", "--model", ck, "-o", tmp_path / "b.nir", tmp_path / "other.safetensors")
+    assert_user_error(code, se, match="two checkpoints")
+    code, _, se = inproc(capsys, "export-nir", "-o", tmp_path / "c.nir")
+    assert_user_error(code, se, match="-m/--model")
+    assert not (tmp_path / "b.nir").exists() and not (tmp_path / "c.nir").exists()

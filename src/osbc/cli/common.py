@@ -31,6 +31,7 @@ def progress(args: argparse.Namespace) -> bool:
 
 
 def device(args: argparse.Namespace):
+    """--device through :func:`osbc.device.resolve_device` (imported here: it imports torch)."""
     from ..device import resolve_device
 
     return resolve_device(args.device)

@@ -34,7 +34,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                help="fast (SparseGPT / GPTQ column sweeps) fits the CPU budget; auto or exact run the greedy "
                     "ExactOBS / OBQ solvers (about 15 s per compression of the MLP on 2 CPU cores)")
     add_options(p, *DATA_OPTIONS, group="data and run options")
-    p.set_defaults(demo_defaults=True)
 
 
 def run(args: argparse.Namespace) -> int:

@@ -54,14 +54,22 @@ pos_int = int_in(1)
 nonneg_int = int_in(0)
 
 
-def pos_float(s: str) -> float:
-    try:
-        v = float(s)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive number, got {s!r}") from None
-    if not (v > 0 and math.isfinite(v)):
-        raise argparse.ArgumentTypeError(f"expected a positive number, got {s!r}")
-    return v
+def checked(cast: Callable[[str], Any], ok: Callable[[Any], bool], message: str) -> Callable[[str], Any]:
+    """``cast(s)`` when it parses and ``ok`` accepts it; else ``message`` (``{s}``: the input)."""
+    def parse(s: str) -> Any:
+        try:
+            v = cast(s)
+        except ValueError:
+            raise argparse.ArgumentTypeError(message.format(s=repr(s))) from None
+        if not ok(v):
+            raise argparse.ArgumentTypeError(message.format(s=repr(s)))
+        return v
+    return parse
+
+
+pos_float = checked(float, lambda v: v > 0 and math.isfinite(v), "expected a positive number, got {s}")
+bits = checked(int, lambda v: 2 <= v <= 8, "bits must be an integer from 2 to 8, got {s}")
+fraction = checked(float, lambda v: 0 <= v < 1, "expected a fraction in [0, 1), got {s}")
 
 
 def sparsity(s: str) -> float:
@@ -75,26 +83,6 @@ def sparsity(s: str) -> float:
         v /= 100
     if not 0 <= v < 1:
         raise argparse.ArgumentTypeError(f"sparsity must be in [0, 1) (e.g. 0.97 or 97%), got {s!r}")
-    return v
-
-
-def bits(s: str) -> int:
-    try:
-        v = int(s)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"bits must be an integer from 2 to 8, got {s!r}") from None
-    if not 2 <= v <= 8:
-        raise argparse.ArgumentTypeError(f"bits must be an integer from 2 to 8, got {s!r}")
-    return v
-
-
-def fraction(s: str) -> float:
-    try:
-        v = float(s)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a fraction in [0, 1), got {s!r}") from None
-    if not 0 <= v < 1:
-        raise argparse.ArgumentTypeError(f"expected a fraction in [0, 1), got {s!r}")
     return v
 
 
