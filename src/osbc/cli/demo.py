@@ -9,7 +9,7 @@ import time
 
 from ..errors import OsbcError
 from . import common as C
-from .options import DATA_OPTIONS, METHODS, add_option, add_options, bits, listof, pos_float, pos_int, sparsity
+from .options import DATA_OPTIONS, METHODS, add_option, add_options, pos_float, pos_int
 from .outputs import check_out_dir, json_text, text_writer, write_all
 from .sweep import grid, level_str, plot_output, results_table, run_job
 from .train import train_model
@@ -17,7 +17,7 @@ from .train import train_model
 NAME = "demo"
 HELP = "the whole job offline: digits events, train the MLP, prune and quantize, table + JSON + plot"
 
-DEMO = dict(frames=10, epochs=8, lr=5e-3, calib_samples=256, sparsities=[0.5, 0.9, 0.97], bits=[8, 4, 3, 2],
+DEMO = dict(frames=10, epochs=8, lr=5e-3, sparsities=[0.5, 0.9, 0.97], bits=[8, 4, 3, 2],
             methods=list(METHODS), hidden=256, solver="fast")
 
 

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from ..errors import OsbcError
 from . import common as C
-from .options import add_option, int_in, pos_float
+from .options import MAX_FRAMES, add_option, int_in, pos_float
 from .outputs import check_out_file, write_all
 
 NAME = "export-nir"
@@ -22,7 +22,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("-o", "--out", default=None, help="output NIR file (default: the checkpoint with a .nir suffix)")
     p.add_argument("--dt", type=pos_float, default=1e-3,
                    help="seconds per time step; LIF tau_NIR = tau * dt (snntorch's importer assumes 1e-4)")
-    add_option(p, "frames", type=int_in(1, 1000), default=4,
+    add_option(p, "frames", type=int_in(1, MAX_FRAMES), default=4,
                help="time steps of the zero sample used to read the layer order")
     p.add_argument("-f", "--force", action="store_true", help="overwrite the output file")
 

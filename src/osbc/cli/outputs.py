@@ -16,7 +16,7 @@ from typing import Any, Callable
 
 from ..errors import OsbcError
 
-__all__ = ["check_out_file", "check_out_dir", "write_all", "json_text", "text_writer"]
+__all__ = ["Writer", "check_out_file", "check_out_dir", "write_all", "json_text", "text_writer"]
 
 #: writes one output to the temporary file it is given
 Writer = Callable[[str], object]

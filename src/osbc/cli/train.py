@@ -6,7 +6,7 @@ import argparse
 from typing import Callable
 
 from . import common as C
-from .options import DATA_OPTIONS, add_option, add_options, fraction, int_in, nonneg_int, pos_float, pos_int
+from .options import DATA_OPTIONS, add_option, add_options, fraction, int_in, pos_float, pos_int
 from .outputs import check_out_file, write_all
 
 NAME = "train"
