@@ -445,10 +445,10 @@ def test_nm_sparsity_pattern(nm_pruned):
     assert int(nm_groups(m.fc2.weight).max()) <= 2  # fc2: at most 2 of every 4 consecutive weights
 
 
-@pytest.mark.xfail(strict=True, reason="osbc.compress/solvers: on fc1 (578 inputs, many never active in the digits) "
-                                       "some groups keep 3-4 weights while the layer total is "
-                                       "right; both the fast and the exact solver")
-def test_nm_pattern_holds_on_layers_with_dead_inputs(nm_pruned):
+@pytest.mark.xfail(strict=True, reason="osbc.compress/solvers: fc1 has 578 inputs, not a multiple of 4; the layer "
+                                       "stops at 1 - N/M of its weights, the short last group is emptied and about "
+                                       "one group per row keeps 3-4 weights (fast and exact solvers)")
+def test_nm_pattern_holds_when_inputs_are_not_a_multiple_of_m(nm_pruned):
     _, m = nm_pruned
     assert int(nm_groups(m.fc1.weight).max()) <= 2
 
