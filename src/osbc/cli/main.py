@@ -87,7 +87,8 @@ def _run(argv: list[str] | None) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     """Run the command line; returns the exit code (0 ok, 1 error, 2 bad arguments, 130 interrupted).
-    Everything heavy is imported in here, so Ctrl-C at any moment ends in one line."""
+    The commands import torch and osbc's heavy modules in here, so Ctrl-C while they load ends in
+    one line too."""
     try:
         return _run(argv)
     except KeyboardInterrupt:
