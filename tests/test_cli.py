@@ -3,6 +3,7 @@ and the user-error paths (one line on stderr, no traceback, no partial output)."
 
 import json
 import os
+import statistics
 import subprocess
 import sys
 from pathlib import Path
@@ -81,8 +82,14 @@ def ckpt(tmp_path_factory, env, root):
     return out
 
 
+def data(root):
+    """The data options every command that reads data takes."""
+    return ["--root", str(root), "--device", "cpu"]
+
+
 def common(root):
-    return ["--root", str(root), "--calib-samples", "32", "--device", "cpu"]
+    """... and those of the commands that calibrate."""
+    return data(root) + ["--calib-samples", "32"]
 
 
 # ---- every command ------------------------------------------------------------------------------
@@ -99,7 +106,7 @@ def test_train_writes_a_rebuildable_checkpoint(ckpt):
 
 def test_eval(ckpt, root, capsys, tmp_path):
     js = tmp_path / "eval.json"
-    code, so, se = inproc(capsys, "eval", "--model", ckpt, "--json", js, *common(root))
+    code, so, se = inproc(capsys, "eval", "--model", ckpt, "--json", js, *data(root))
     assert code == 0, se
     assert "accuracy" in so and "synops" in so and "firing rate" in so
     rep = json.loads(js.read_text())
@@ -130,7 +137,12 @@ def test_prune(ckpt, root, env, capsys, tmp_path, method, subprocess_):
     assert float((w == 0).float().mean()) == pytest.approx(0.9, abs=0.01)
     r = json.loads(rep.read_text())
     assert r["task"] == "prune" and r["method"] == method and len(r["report"]["layers"]) == 2
-    assert 0 <= r["compressed"]["accuracy"] <= 1 and r["compressed"]["sparsity"] == pytest.approx(0.9, abs=0.01)
+    assert r["compressed"]["sparsity"] == pytest.approx(0.9, abs=0.01)
+    # the report's accuracy is that of the checkpoint written, as osbc eval measures it
+    js = tmp_path / "e.json"
+    code, _, se = inproc(capsys, "eval", "--model", out, "--json", js, *data(root), "-q")
+    assert code == 0, se
+    assert json.loads(js.read_text())["accuracy"] == pytest.approx(r["compressed"]["accuracy"])
     assert out.stat().st_size < 0.3 * ckpt.stat().st_size  # stored compactly
     assert read_meta(out)["info"]["compression"]["method"] == method
 
@@ -162,7 +174,13 @@ def test_sweep(ckpt, root, capsys, tmp_path):
     assert points == {("prune", "osbc", 0.9), ("prune", "magnitude", 0.9), ("quantize", "osbc", 4),
                       ("quantize", "rtn", 4)}
     for r in res["results"]:
-        assert len(r["accuracies"]) == 2 and r["accuracy_std"] >= 0
+        accs = [run["accuracy"] for run in r["runs"]]
+        assert [run["seed"] for run in r["runs"]] == [0, 1] and r["accuracies"] == accs
+        assert r["accuracy"] == pytest.approx(statistics.fmean(accs))
+        assert r["accuracy_std"] == pytest.approx(statistics.stdev(accs))
+        assert r["drop"] == pytest.approx(res["dense"]["accuracy"] - r["accuracy"])
+        if r["task"] == "prune":
+            assert all(run["sparsity"] == pytest.approx(0.9, abs=0.01) for run in r["runs"])
     assert "±" in so and "magnitude" in so
     assert (out / "sweep.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
@@ -181,7 +199,11 @@ def test_small_demo(root, env, tmp_path):
             "pruned-90-osbc.safetensors", "quantized-4bit-osbc.safetensors"} <= names
     rep = json.loads((out / "report.json").read_text())
     assert len(rep["results"]) == 6  # (osbc, obc, magnitude) at 90% + (osbc, obc, rtn) at 4 bits
-    assert all(r["membrane_error"] is not None and r["seconds"] >= 0 for r in rep["results"])
+    assert [(r["task"], r["method"]) for r in rep["results"]] == [
+        ("prune", "osbc"), ("prune", "obc"), ("prune", "magnitude"),
+        ("quantize", "osbc"), ("quantize", "obc"), ("quantize", "rtn")]
+    assert all(r["membrane_error"] > 0 for r in rep["results"])
+    assert all(r["sparsity"] == pytest.approx(0.9, abs=0.01) for r in rep["results"][:3])
     assert rep["settings"]["frames"] == T and rep["dense"]["accuracy"] > 0.2
     # the stored pruned model loads back with its sparsity
     m = load(out / "pruned-90-osbc.safetensors")
@@ -201,7 +223,7 @@ def test_full_demo_default_settings(env, tmp_path):
 def test_module_entry_points(env):
     p = subprocess.run([sys.executable, "-m", "osbc", "--help"], capture_output=True, text=True, env=env)
     assert p.returncode == 0
-    for c in ("demo", "train", "prune", "quantize", "eval", "sweep", "info"):
+    for c in ("demo", "train", "prune", "quantize", "eval", "sweep", "info", "export-nir"):
         assert c in p.stdout
     p = subprocess.run([sys.executable, "-m", "osbc", "--version"], capture_output=True, text=True, env=env)
     assert p.returncode == 0 and p.stdout.startswith("osbc ")
@@ -318,17 +340,6 @@ def test_same_file_for_report_and_out(capsys, tmp_path, ckpt):
     assert_user_error(code, err, match="same file")
 
 
-def test_plugins_can_add_commands(capsys):
-    seen = {}
-    cli.register_command("hello-test", "say hello", lambda p: p.add_argument("--who", default="world"),
-                         lambda a: seen.setdefault("who", a.who) and 0, common=False)
-    try:
-        code, _, _ = inproc(capsys, "hello-test", "--who", "osbc")
-        assert code == 0 and seen == {"who": "osbc"}
-    finally:
-        cli.COMMANDS.pop("hello-test")
-
-
 def test_real_dataset_reader_via_root(ckpt, root, capsys):
     """--data nmnist reads N-MNIST's own layout (Train/<digit>/<id>.bin); the digits are stored in it."""
     folder = next(p for p in Path(root).iterdir() if (p / "Test").is_dir())
@@ -348,3 +359,173 @@ def test_downsampling_is_remembered(root, capsys, tmp_path):
     assert code == 0, se  # --downsample 2 comes from the checkpoint
     code, so, se = inproc(capsys, "eval", "--model", ck, "--root", root, "--downsample", 1)
     assert_user_error(code, se, match="expects input (2, 17, 17)")
+
+
+# ---- compression options: each one's observable effect on the report and the checkpoint -------
+
+def compress(capsys, tmp_path, ckpt, root, task, *argv, name="c"):
+    """``osbc TASK`` on the test checkpoint; returns (report JSON, compressed model)."""
+    out, rep = tmp_path / f"{name}.safetensors", tmp_path / f"{name}.json"
+    code, _, se = inproc(capsys, task, "--model", ckpt, "--out", out, "--report", rep, *common(root), "-q", *argv)
+    assert code == 0, se
+    return json.loads(rep.read_text()), load(out)
+
+
+def layer_sparsity(w):
+    return float((w == 0).float().mean())
+
+
+@pytest.mark.parametrize("solver", ["exact", "blocked", "auto"])
+def test_prune_solvers(ckpt, root, capsys, tmp_path, solver):
+    r, m = compress(capsys, tmp_path, ckpt, root, "prune", "--sparsity", "0.8", "--solver", solver,
+                    "--allocation", "uniform", "--no-eval")
+    # auto picks the exact solver when it is affordable, which it is for these small layers
+    want = "exact" if solver == "auto" else solver
+    assert [l["solver"] for l in r["report"]["layers"]] == [want, want]
+    assert r["report"]["settings"]["solver"] == solver
+    for w in (m.fc1.weight, m.fc2.weight):
+        assert layer_sparsity(w) == pytest.approx(0.8, abs=0.01)
+
+
+def test_quantize_exact_solver(ckpt, root, capsys, tmp_path):
+    r, m = compress(capsys, tmp_path, ckpt, root, "quantize", "--bits", "3", "--solver", "exact", "--no-eval")
+    assert [l["solver"] for l in r["report"]["layers"]] == ["exact", "exact"]
+    assert [l["bits"] for l in r["report"]["layers"]] == [3, 3]
+    for w in (m.fc1.weight, m.fc2.weight):
+        assert len((w / w.abs().amax(1, keepdim=True)).mul(3).round().unique()) <= 7  # 2^3 - 1 levels
+
+
+def test_sequential_calibration_changes_only_later_layers(ckpt, root, capsys, tmp_path):
+    argv = ("--sparsity", "0.8", "--solver", "fast", "--allocation", "uniform", "--no-eval")
+    _, dense_cal = compress(capsys, tmp_path, ckpt, root, "prune", *argv, name="d")
+    r, seq_cal = compress(capsys, tmp_path, ckpt, root, "prune", *argv, "--calibration", "sequential", name="s")
+    assert r["report"]["settings"]["calibration"] == "sequential"
+    # the first layer sees the same inputs either way; the second sees the pruned first layer's spikes
+    assert torch.equal(dense_cal.fc1.weight, seq_cal.fc1.weight)
+    assert not torch.equal(dense_cal.fc2.weight, seq_cal.fc2.weight)
+
+
+def test_global_allocation_shares_sparsity_unevenly(ckpt, root, capsys, tmp_path):
+    r, m = compress(capsys, tmp_path, ckpt, root, "prune", "--sparsity", "0.9", "--allocation", "global",
+                    "--solver", "fast", "--no-eval")
+    per_layer = [l["sparsity"] for l in r["report"]["layers"]]
+    assert r["report"]["settings"]["allocation"] == "global"
+    assert r["report"]["sparsity"] == pytest.approx(0.9, abs=0.01)
+    assert abs(per_layer[0] - per_layer[1]) > 0.02  # one OBS-loss threshold, not one sparsity per layer
+    assert layer_sparsity(m.fc1.weight) == pytest.approx(per_layer[0], abs=1e-6)
+
+
+def test_calibration_from_the_test_set(ckpt, root, capsys, tmp_path):
+    r, _ = compress(capsys, tmp_path, ckpt, root, "quantize", "--bits", "4", "--method", "rtn", "--calib-from", "test")
+    assert r["calib_from"] == "test"
+    # evaluated on the test samples left after the 32 calibration samples (digits: 359 test samples)
+    assert r["dense"]["samples"] == r["compressed"]["samples"] == 359 - 32
+
+
+def nm_groups(w, m=4):
+    """Nonzero weights in every group of ``m`` consecutive inputs of each row (a last, shorter
+    group left out)."""
+    full = w.shape[1] // m * m
+    return (w[:, :full] != 0).reshape(w.shape[0], -1, m).sum(-1)
+
+
+@pytest.fixture(scope="module")
+def nm_pruned(ckpt, root, tmp_path_factory):
+    out, rep = tmp_path_factory.mktemp("nm") / "nm.safetensors", tmp_path_factory.mktemp("nm") / "nm.json"
+    code = cli.main(["prune", "--model", str(ckpt), "--nm", "2:4", "--solver", "fast", "--no-eval", "--out", str(out),
+                     "--report", str(rep), *common(root), "-q"])
+    assert code == 0
+    return json.loads(rep.read_text()), load(out)
+
+
+def test_nm_sparsity_pattern(nm_pruned):
+    r, m = nm_pruned
+    assert r["report"]["settings"]["allocation"] == "2:4"  # --nm alone: no --sparsity needed
+    assert [l["sparsity"] for l in r["report"]["layers"]] == [pytest.approx(0.5, abs=1e-3)] * 2
+    assert int(nm_groups(m.fc2.weight).max()) <= 2  # fc2: at most 2 of every 4 consecutive weights
+
+
+@pytest.mark.xfail(strict=True, reason="osbc.compress/solvers: fc1 has 578 inputs, not a multiple of 4; the layer "
+                                       "stops at 1 - N/M of its weights, the short last group is emptied and about "
+                                       "one group per row keeps 3-4 weights (fast and exact solvers)")
+def test_nm_pattern_holds_when_inputs_are_not_a_multiple_of_m(nm_pruned):
+    _, m = nm_pruned
+    assert int(nm_groups(m.fc1.weight).max()) <= 2
+
+
+def scales_and_codes(w, qmax):
+    """Per-row scale max|w|/qmax and the codes w/scale (integers when w sits on that grid)."""
+    s = w.abs().amax(1, keepdim=True) / qmax
+    return s, w / s
+
+
+def test_quantize_per_layer_shares_one_scale(ckpt, root, capsys, tmp_path):
+    _, per_layer = compress(capsys, tmp_path, ckpt, root, "quantize", "--bits", "4", "--method", "rtn", "--per",
+                            "layer", "--no-eval", name="l")
+    _, per_channel = compress(capsys, tmp_path, ckpt, root, "quantize", "--bits", "4", "--method", "rtn",
+                              "--no-eval", name="c")
+    for m, one_grid in ((per_layer, True), (per_channel, False)):
+        w = m.fc1.weight
+        # one scale per layer: at most 15 distinct values in the whole layer; per channel: many more
+        assert (len(w.unique()) <= 15) == one_grid
+
+
+def test_quantize_mse_shrinks_some_scales(ckpt, root, capsys, tmp_path):
+    _, plain = compress(capsys, tmp_path, ckpt, root, "quantize", "--bits", "3", "--method", "rtn", "--no-eval",
+                        name="p")
+    _, mse = compress(capsys, tmp_path, ckpt, root, "quantize", "--bits", "3", "--method", "rtn", "--mse",
+                      "--no-eval", name="m")
+    dense = load(ckpt).fc1.weight
+    top_plain, top_mse = plain.fc1.weight.abs().amax(1), mse.fc1.weight.abs().amax(1)
+    assert torch.allclose(top_plain, dense.abs().amax(1))   # round to nearest keeps each row's maximum
+    assert bool((top_mse < 0.99 * top_plain).any())         # the MSE fit clips some rows' outliers
+    assert not bool((top_mse > top_plain * (1 + 1e-6)).any())
+
+
+def on_pow2_grid(row, qmax):
+    """The nonzero values of ``row`` are integers <= qmax times one power of two."""
+    v = row[row != 0].detach().double().abs()
+    for e in range(-40, 10):
+        q = v / 2.0 ** e
+        if bool((q - q.round()).abs().max() < 1e-4) and float(q.max()) <= qmax + 1e-4:
+            return True
+    return False
+
+
+def test_quantize_pow2_scales(ckpt, root, capsys, tmp_path):
+    _, pow2 = compress(capsys, tmp_path, ckpt, root, "quantize", "--bits", "4", "--method", "rtn", "--pow2",
+                       "--no-eval", name="p2")
+    _, plain = compress(capsys, tmp_path, ckpt, root, "quantize", "--bits", "4", "--method", "rtn", "--no-eval",
+                        name="pl")
+    assert all(on_pow2_grid(row, 7) for row in pow2.fc1.weight)
+    assert not all(on_pow2_grid(row, 7) for row in plain.fc1.weight)  # the check can fail
+
+
+@pytest.mark.parametrize("flag", ["--include", "--exclude"])
+def test_include_exclude(ckpt, root, capsys, tmp_path, flag):
+    r, m = compress(capsys, tmp_path, ckpt, root, "prune", "--sparsity", "0.9", "--solver", "fast",
+                    "--allocation", "uniform", flag, "fc1", "--no-eval")
+    touched = "fc1" if flag == "--include" else "fc2"
+    left = "fc2" if touched == "fc1" else "fc1"
+    assert [l["name"] for l in r["report"]["layers"]] == [touched]
+    dense = load(ckpt)
+    assert torch.equal(getattr(m, left).weight, getattr(dense, left).weight)
+    assert layer_sparsity(getattr(m, touched).weight) == pytest.approx(0.9, abs=0.01)
+
+
+def test_export_nir_takes_model_like_every_command(ckpt, capsys, tmp_path):
+    nir = pytest.importorskip("nir")
+    ck = tmp_path / "mlp.safetensors"
+    ck.write_bytes(Path(ckpt).read_bytes())
+    code, so, se = inproc(capsys, "export-nir", "--model", ck, "--dt", "1e-4")
+    assert code == 0, se
+    out = tmp_path / "mlp.nir"  # default: the checkpoint's name with .nir
+    assert f"wrote {out}" in so
+    g = nir.read(str(out))
+    assert float(g.metadata["dt"]) == pytest.approx(1e-4)
+    assert {"fc1", "fc2"} <= set(g.nodes)
+    code, _, se = inproc(capsys, "export-nir", "--model", ck, "-o", tmp_path / "b.nir", tmp_path / "other.safetensors")
+    assert_user_error(code, se, match="two checkpoints")
+    code, _, se = inproc(capsys, "export-nir", "-o", tmp_path / "c.nir")
+    assert_user_error(code, se, match="-m/--model")
+    assert not (tmp_path / "b.nir").exists() and not (tmp_path / "c.nir").exists()

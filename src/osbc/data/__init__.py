@@ -27,6 +27,7 @@ from .readers import (
     write_nmnist,
 )
 from .saccade import Digits, saccade_events, upsample_images
+from .splits import Splits, TensorSet, calibration_inputs, calibration_tensor, in_memory, materialize
 
 __all__ = [
     "EVENT_DTYPE", "EventFileError", "EventFileWarning", "make_events",
@@ -35,4 +36,5 @@ __all__ = [
     "EventDataset", "Sample", "NMNIST", "DVSGesture", "CIFAR10DVS", "Digits", "LabeledSubset",
     "stratified_split", "calibration_split", "load_dataset", "default_cache_dir", "CACHE_ENV",
     "saccade_events", "upsample_images",
+    "TensorSet", "in_memory", "materialize", "calibration_inputs", "calibration_tensor", "Splits",
 ]
