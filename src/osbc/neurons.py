@@ -30,6 +30,7 @@ from typing import Any, Callable
 import torch
 from torch import Tensor, nn
 
+from .errors import OsbcError
 from .kernels import Kernel, KernelError
 from .layers import WEIGHT_LAYERS
 
@@ -66,7 +67,7 @@ class Dynamics:
 
     def __post_init__(self):
         if self.reset_mode not in RESET_MODES:
-            raise ValueError(f"{self.name}: reset_mode must be one of {RESET_MODES}, got {self.reset_mode!r}")
+            raise OsbcError(f"{self.name}: reset_mode must be one of {RESET_MODES}, got {self.reset_mode!r}")
 
     @property
     def spiking(self) -> bool:
@@ -100,7 +101,7 @@ def register(cls: type, dynamics: Callable[[nn.Module], Dynamics] | None = None,
     ``reset(module)``, and an optional ``kernel(module) -> Kernel`` that replaces the kernel derived
     from the dynamics (a neuron with only a kernel compresses but does not export to NIR)."""
     if dynamics is None and kernel is None:
-        raise ValueError(f"register({cls.__name__}): give dynamics, a kernel, or both")
+        raise OsbcError(f"register({cls.__name__}): give dynamics, a kernel, or both")
     _REGISTRY[cls] = NeuronType(dynamics, reset, kernel)
 
 

@@ -170,9 +170,6 @@ class Trace:
     B: int
     calls: list[Call]
 
-    def of(self, m: nn.Module) -> Call:
-        return next(c for c in self.calls if c.module is m)
-
 
 def run_model(model: nn.Module, x_tb: Tensor) -> Tensor:
     """One clean forward: neuron state cleared before and after."""
