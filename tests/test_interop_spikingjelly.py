@@ -80,8 +80,10 @@ def test_subclass_with_new_dynamics_is_measured():
     k = neurons.kernel_of(n)
     assert k.name.startswith("probed")
     torch.testing.assert_close(k.impulse(T).reshape(-1), _membrane(n)[0], rtol=1e-5, atol=1e-6)
+    assert neurons.dynamics_of(n) is None  # only measured: no NIR node for it
     # a subclass that keeps the dynamics keeps the exact kernel
     assert neurons.kernel_of(sj_neuron.OTTTLIFNode(tau=2.0)).name == "spikingjelly.OTTTLIFNode"
+    assert neurons.dynamics_of(sj_neuron.OTTTLIFNode(tau=2.0)).name == "spikingjelly.OTTTLIFNode"
 
 
 def test_reset_clears_state_and_allows_deepcopy():

@@ -54,8 +54,8 @@ def test_demo_is_bit_identical_across_processes_and_thread_settings(tmp_path):
         assert p.returncode == 0, p.stderr
         outs.append(out)
     a, b = (json.loads((o / "report.json").read_text()) for o in outs)
-    assert a["settings"]["threads"] == b["settings"]["threads"] == 1
     assert [r["task"] for r in a["results"]] == ["prune", "quantize"]
+    threads = [a["settings"].pop("threads"), b["settings"].pop("threads")]
     assert _untimed(a) == _untimed(b)  # floats compared exactly: accuracies, losses, errors
     tables = [[line.rsplit(None, 1)[0] for line in (o / "results.txt").read_text().splitlines()] for o in outs]
     assert tables[0] == tables[1]  # the printed table, but for its last column (seconds)
@@ -67,6 +67,7 @@ def test_demo_is_bit_identical_across_processes_and_thread_settings(tmp_path):
         assert ta.keys() == tb.keys()
         for k in ta:
             assert ta[k].dtype == tb[k].dtype and torch.equal(ta[k], tb[k]), (name, k)
+    assert threads == [1, 1]  # the demo ran on one intra-op thread, not on the environment's count
 
 
 def _train_state(ambient: int, threads):

@@ -7,6 +7,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from osbc import models, snn
 from osbc.checkpoint import read_meta
+from osbc.errors import OsbcError
 from osbc.training import evaluate, model_size, predict, train
 
 
@@ -96,6 +97,8 @@ def test_argument_errors():
         train(mlp(), (x, y), epochs=0)
     with pytest.raises(ValueError, match="loss"):
         train(mlp(), (x, y), epochs=1, loss="hinge", progress=False, log=None)
+    with pytest.raises(OsbcError, match="threads"):
+        train(mlp(), (x, y), epochs=1, threads=0)
     with pytest.raises(ValueError, match="CUDA"):
         if torch.cuda.is_available():
             raise ValueError("CUDA present: skip")  # pragma: no cover

@@ -30,6 +30,7 @@ from typing import Any, Callable
 import torch
 from torch import Tensor, nn
 
+from .errors import OsbcError
 from .kernels import Kernel, KernelError
 from .layers import WEIGHT_LAYERS
 
@@ -66,7 +67,7 @@ class Dynamics:
 
     def __post_init__(self):
         if self.reset_mode not in RESET_MODES:
-            raise ValueError(f"{self.name}: reset_mode must be one of {RESET_MODES}, got {self.reset_mode!r}")
+            raise OsbcError(f"{self.name}: reset_mode must be one of {RESET_MODES}, got {self.reset_mode!r}")
 
     @property
     def spiking(self) -> bool:
@@ -96,11 +97,11 @@ def register(cls: type, dynamics: Callable[[nn.Module], Dynamics] | None = None,
              reset: Callable[[nn.Module], None] | None = None, *,
              kernel: Callable[[nn.Module], Kernel] | None = None) -> None:
     """Teach osbc a neuron class: ``dynamics(module) -> Dynamics`` (gives the kernel and the NIR
-    node), an optional state ``reset(module)``, and an optional ``kernel(module) -> Kernel`` that
-    replaces the kernel derived from the dynamics (a neuron with only a kernel compresses but does
-    not export to NIR)."""
+    node; it may return None for a module whose dynamics it does not describe), an optional state
+    ``reset(module)``, and an optional ``kernel(module) -> Kernel`` that replaces the kernel derived
+    from the dynamics (a neuron with only a kernel compresses but does not export to NIR)."""
     if dynamics is None and kernel is None:
-        raise ValueError(f"register({cls.__name__}): give dynamics, a kernel, or both")
+        raise OsbcError(f"register({cls.__name__}): give dynamics, a kernel, or both")
     _REGISTRY[cls] = NeuronType(dynamics, reset, kernel)
 
 
@@ -201,8 +202,11 @@ def kernel_of(m: nn.Module, feature_shape: tuple[int, ...] | None = None, T: int
     """The membrane kernel of neuron module ``m`` (registered type, else an impulse probe over
     ``feature_shape`` and ``T`` steps)."""
     nt = neuron_type(m)
-    if nt is not None:
-        return nt.kernel(m) if nt.kernel is not None else nt.dynamics(m).kernel()
+    if nt is not None and nt.kernel is not None:
+        return nt.kernel(m)
+    dyn = nt.dynamics(m) if nt is not None else None
+    if dyn is not None:
+        return dyn.kernel()
     if feature_shape is None:
         raise KernelError(f"{type(m).__name__}: unknown neuron type and no input shape to probe it with")
     return probe_kernel(m, feature_shape, T)

@@ -3,10 +3,11 @@
     graph = osbc.export_nir(model, "net.nir", dt=1e-3, sample=x)   # x: [T, B, ...]
     nir.read("net.nir")
 
-Works for chain-shaped ("Sequential-like") models built from osbc's layers, spikingjelly,
-snntorch (models that loop over time in ``forward`` included) and norse. The layer order comes from
-one traced forward pass on ``sample`` (:func:`osbc.trace.trace`; ``[T, B, ...]``, optional for osbc
-models, which know their input shape); every module's first call defines its place in the chain.
+Works for chain-shaped ("Sequential-like"; branching data flow is refused) models built from
+osbc's layers, spikingjelly, snntorch (models that loop over time in ``forward`` included) and
+norse. The layer order comes from one traced forward pass on ``sample`` (:func:`osbc.trace.trace`;
+``[T, B, ...]``, optional for osbc models, which know their input shape); every module's first call
+defines its place in the chain.
 A neuron's node is built from its dynamics in the neuron registry (:mod:`osbc.neurons`): decays,
 gain, threshold, reset value and reset mode.
 

@@ -127,8 +127,9 @@ def _layout(m: nn.Module | None, shapes: list[tuple], T: int, B: int) -> str | N
 @dataclass(eq=False)
 class Call:
     """A module's calls during a traced forward: input / output shapes of each call (calls without
-    tensors left out), whether every input was binary (spikes), the call layout, and the module
-    calls whose outputs its (first) input was computed from, over all its calls."""
+    tensors left out), the call layout, the module calls whose outputs its (first) input was
+    computed from, over all its calls, and - for pooling layers, where it matters (max pooling is
+    an OR on spikes) - whether every input was binary."""
 
     module: nn.Module
     name: str
@@ -168,9 +169,6 @@ class Trace:
     T: int
     B: int
     calls: list[Call]
-
-    def of(self, m: nn.Module) -> Call:
-        return next(c for c in self.calls if c.module is m)
 
 
 def run_model(model: nn.Module, x_tb: Tensor) -> Tensor:
@@ -212,7 +210,7 @@ def trace(model: nn.Module, sample: Tensor) -> Trace:
             order.append(c)
         c.in_shapes.append(tuple(x.shape))
         c.out_shapes.append(tuple(y.shape))
-        if c.binary_in and x.is_floating_point():
+        if c.binary_in and isinstance(m, _POOLS) and x.is_floating_point():
             c.binary_in = bool(((x == 0) | (x == 1)).all())
 
     # Neurons may own child modules (spikingjelly's surrogate functions): hook the neuron, not them.

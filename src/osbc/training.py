@@ -158,6 +158,8 @@ def train(model: nn.Module, train_data, val_data=None, *, epochs: int = 10, batc
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     if not lr > 0:
         raise ValueError(f"lr must be > 0, got {lr}")
+    if threads is not None and threads < 1:
+        raise OsbcError(f"threads must be >= 1 (or None for torch's setting), got {threads}")
     dev = resolve_device(device)
     use_amp = (dev.type == "cuda") if amp is None else bool(amp and dev.type == "cuda")
     torch.manual_seed(seed)

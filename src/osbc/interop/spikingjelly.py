@@ -92,6 +92,16 @@ def _kernel(base: type, dynamics):
     return kernel
 
 
+def _exact(base: type, dynamics):
+    """``base``'s dynamics, or None for a subclass that changes them (osbc then knows only its
+    measured kernel, and cannot export it to NIR)."""
+    def exact(m: nn.Module) -> Dynamics | None:
+        d = dynamics(m)
+        analytic = d.kernel()
+        return d if _checked(m, base, analytic) is analytic else None
+    return exact
+
+
 def reset(m: nn.Module) -> None:
     """spikingjelly's own state reset (memories back to their reset values, ``v_seq`` cleared)."""
     m.reset()
@@ -99,4 +109,4 @@ def reset(m: nn.Module) -> None:
 
 for _cls, _dyn in ((_sjn.LIFNode, lif_dynamics), (_sjn.ParametricLIFNode, plif_dynamics), (_sjn.IFNode, if_dynamics),
                    (_sjn.SimpleLIFNode, lif_dynamics), (_sjn.SimpleIFNode, if_dynamics)):
-    register(_cls, _dyn, reset, kernel=_kernel(_cls, _dyn))
+    register(_cls, _exact(_cls, _dyn), reset, kernel=_kernel(_cls, _dyn))
