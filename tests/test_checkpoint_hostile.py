@@ -10,7 +10,7 @@ import torch
 from safetensors.torch import save_file
 
 import osbc
-from osbc import models, storage
+from osbc import checkpoint, models, storage
 from osbc.checkpoint import load, read_meta, save
 from osbc.errors import OsbcError
 
@@ -270,21 +270,21 @@ def test_permission_denied_is_reported_as_such(ckpt, monkeypatch):
 
 def test_compact_files_are_checked_too(tmp_path):
     m = _model()
-    p = storage.save_compressed(m, tmp_path / "c.safetensors", metadata={"a": 1})
+    p = checkpoint.save_compressed(m, tmp_path / "c.safetensors", metadata={"a": 1})
     _flip(p, "fc1.weight::values")
     with pytest.raises(OsbcError, match="corrupted"):
-        storage.read_compressed(p)
-    p = storage.save_compressed(m, tmp_path / "c.safetensors")
+        checkpoint.read_compressed(p)
+    p = checkpoint.save_compressed(m, tmp_path / "c.safetensors")
     rewrite(p, edit_storage(_entry("fc1.weight", "shape", [16, 1 << 27])))  # 2^31 elements: over the cap
     with pytest.raises(OsbcError, match="fc1.weight"):
-        storage.read_compressed(p)
+        checkpoint.read_compressed(p)
     rewrite(p, edit_storage(_entry("fc1.weight", "shape", [16, 1 << 20])))  # under the cap: the model says no
     with pytest.raises(OsbcError, match="do not fit"):
-        storage.load_compressed(p, _model())
-    p = storage.save_compressed(m, tmp_path / "c.safetensors")
+        checkpoint.load_compressed(p, _model())
+    p = checkpoint.save_compressed(m, tmp_path / "c.safetensors")
     rewrite(p, edit_meta("user", lambda s: "[1]"))
     with pytest.raises(OsbcError, match="user"):
-        storage.read_compressed(p)
+        checkpoint.read_compressed(p)
 
 
 def test_old_compact_files_still_load(tmp_path):
@@ -294,7 +294,7 @@ def test_old_compact_files_still_load(tmp_path):
     p = tmp_path / "old.safetensors"
     save_file(tensors, str(p), metadata={"format": storage.FORMAT, "osbc": json.dumps(enc),
                                          "user": json.dumps({"n": 1})})
-    state, user = storage.read_compressed(p)
+    state, user = checkpoint.read_compressed(p)
     assert user == {"n": 1}
     assert all(torch.equal(v, state[k]) for k, v in m.state_dict().items())
     assert osbc.load_compressed(p, _model) is not None

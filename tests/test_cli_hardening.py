@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from osbc import checkpoint, discover, models
+from osbc import checkpoint, models, trace
 from osbc.cli import outputs
 from osbc.errors import OsbcError
 
@@ -44,7 +44,7 @@ def test_internal_value_error_keeps_its_traceback(monkeypatch, capsys):
     def broken(*a, **k):
         raise ValueError("internal bug")
 
-    monkeypatch.setattr(discover, "find_modules", broken)
+    monkeypatch.setattr(trace, "find_modules", broken)
     with pytest.raises(ValueError, match="internal bug"):
         cli_main.main(["info", "--arch", "nmnist_mlp"])
 
@@ -53,7 +53,7 @@ def test_osbc_error_from_deep_code_is_one_line(monkeypatch, capsys):
     def refuses(*a, **k):
         raise OsbcError("layer fc1: unsupported neuron")
 
-    monkeypatch.setattr(discover, "find_modules", refuses)
+    monkeypatch.setattr(trace, "find_modules", refuses)
     code, _, err = inproc(capsys, "info", "--arch", "nmnist_mlp")
     assert_user_error(code, err, match="layer fc1: unsupported neuron")
 
@@ -69,7 +69,7 @@ def test_out_of_memory_is_one_line(monkeypatch, capsys, exc):
     def exhausted(*a, **k):
         raise exc
 
-    monkeypatch.setattr(discover, "find_modules", exhausted)
+    monkeypatch.setattr(trace, "find_modules", exhausted)
     code, _, err = inproc(capsys, "info", "--arch", "nmnist_mlp")
     assert_user_error(code, err, match="out of memory")
     assert "--frames" in err and "--batch-size" in err
@@ -79,7 +79,7 @@ def test_other_runtime_errors_keep_their_traceback(monkeypatch):
     def broken(*a, **k):
         raise RuntimeError("shape mismatch in a kernel")
 
-    monkeypatch.setattr(discover, "find_modules", broken)
+    monkeypatch.setattr(trace, "find_modules", broken)
     with pytest.raises(RuntimeError, match="shape mismatch"):
         cli_main.main(["info", "--arch", "nmnist_mlp"])
 
@@ -90,7 +90,7 @@ def test_ctrl_c_during_a_command(monkeypatch, capsys):
     def interrupted(*a, **k):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(discover, "find_modules", interrupted)
+    monkeypatch.setattr(trace, "find_modules", interrupted)
     code, out, err = inproc(capsys, "info", "--arch", "nmnist_mlp")
     assert code == 130 and err == "osbc: interrupted\n"
 
@@ -110,7 +110,7 @@ def test_importing_the_command_line_is_light():
     import them when they run, inside main's Ctrl-C guard."""
     code = ("import sys, osbc.cli\n"
             "osbc.cli.build_parser()\n"
-            "heavy = ['osbc.compress', 'osbc.training', 'osbc.data', 'osbc.checkpoint', 'osbc.discover',\n"
+            "heavy = ['osbc.compress', 'osbc.training', 'osbc.data', 'osbc.checkpoint', 'osbc.trace',\n"
             "         'osbc.solvers', 'safetensors', 'matplotlib', 'sklearn']\n"
             "print([m for m in heavy if m in sys.modules])\n")
     env = dict(os.environ, PYTHONPATH=SRC + os.pathsep + os.environ.get("PYTHONPATH", ""))

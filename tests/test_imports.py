@@ -81,12 +81,8 @@ def test_the_graph_sees_relative_and_lazy_imports():
     assert "osbc.neurons" in g["osbc.training"]           # from . import neurons, inside a function
 
 
-# The data package's split (another change in flight) removes this one; then drop the exception.
-_KNOWN = [["osbc.data.datasets", "osbc.data.saccade"]]
-
-
 def test_no_import_cycles():
-    assert [c for c in cycles(import_graph()) if c not in _KNOWN] == []
+    assert cycles(import_graph()) == []
 
 
 if __name__ == "__main__":  # list every cycle: python tests/test_imports.py

@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch import nn
 
-from osbc import snn, storage
+from osbc import checkpoint, snn, storage
 from osbc.griddetect import bits_of
 from osbc.quant import fit_grid
 
@@ -156,20 +156,20 @@ def test_encode_rejects_non_tensors():
 def test_save_load_file(tmp_path):
     net = _compressed_net()
     path = tmp_path / "net.safetensors"
-    storage.save_compressed(net, path, metadata={"note": "97%", "acc": 0.9})
+    checkpoint.save_compressed(net, path, metadata={"note": "97%", "acc": 0.9})
     assert [p.name for p in tmp_path.iterdir()] == ["net.safetensors"]  # no temporary left behind
     # a plain safetensors file: header JSON, no pickle opcodes anywhere
     from safetensors import safe_open
 
     with safe_open(str(path), framework="pt") as f:
         assert f.metadata()["format"] == storage.FORMAT
-    loaded = storage.load_compressed(path, Net)  # a builder
+    loaded = checkpoint.load_compressed(path, Net)  # a builder
     for k, v in net.state_dict().items():
         assert _same(v, loaded.state_dict()[k]), k
-    sd, meta = storage.read_compressed(path)
+    sd, meta = checkpoint.read_compressed(path)
     assert meta == {"note": "97%", "acc": 0.9}
     other = Net()
-    assert storage.load_compressed(path, other) is other
+    assert checkpoint.load_compressed(path, other) is other
     assert os.path.getsize(path) < sum(v.numel() * v.element_size() for v in net.state_dict().values())
 
 
@@ -179,7 +179,7 @@ def test_read_rejects_other_files(tmp_path):
     p = tmp_path / "plain.safetensors"
     save_file({"a": torch.zeros(2)}, str(p))
     with pytest.raises(ValueError, match="not an osbc compact file"):
-        storage.read_compressed(p)
+        checkpoint.read_compressed(p)
 
 
 def test_size_report():

@@ -9,7 +9,7 @@ from . import kernels, models, snn
 from .report import LayerReport, Report
 
 _LAZY = {"prune": "compress", "quantize": "compress", "inspect": "compress", "Compressed": "compress",
-         "export_nir": "nir_export", "save_compressed": "storage", "load_compressed": "storage",
+         "export_nir": "nir_export", "save_compressed": "checkpoint", "load_compressed": "checkpoint",
          "size_report": "storage", "train": "training", "evaluate": "training", "TrainResult": "training",
          "Evaluation": "training", "save": "checkpoint", "load": "checkpoint"}
 _LAZY.update({"freeze_sparsity": "deploy", "unfreeze_sparsity": "deploy", "quantized_codes": "deploy",

@@ -6,7 +6,7 @@ keyword arguments from :func:`osbc.models.build`, the number of frames and the d
 trained on, and free-form ``info`` (training accuracy, a compression report, ...). Pruned and
 quantized models are stored compactly (sparse masks, integer codes and scales) through
 :mod:`osbc.storage`, and load back to the same dense tensors. The file format (shared with
-:func:`osbc.storage.save_compressed`) is :mod:`osbc.fileformat`.
+:func:`osbc.checkpoint.save_compressed`) is :mod:`osbc.fileformat`.
 
 >>> osbc.save(model, "mlp.safetensors", data="digits", frames=10)
 >>> model = osbc.load("mlp.safetensors")
@@ -19,16 +19,17 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
+from typing import Callable
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
-from . import fileformat
+from . import fileformat, storage
 from . import models as _models
 from .atomic import atomic_write  # re-exported: the CLI and plot write through it
 from .errors import OsbcError
 
-__all__ = ["save", "load", "read_meta", "atomic_write", "FORMAT", "VERSION", "MAX_FRAMES"]
+__all__ = ["save", "load", "read_meta", "save_compressed", "read_compressed", "load_compressed", "atomic_write", "FORMAT", "VERSION", "MAX_FRAMES"]
 
 FORMAT = "osbc-checkpoint"
 VERSION = "1"
@@ -117,3 +118,40 @@ def load(path: str | os.PathLike, *, device: str | torch.device = "cpu", model: 
     model.osbc_config = {"arch": meta["arch"], "kwargs": meta["kwargs"], "data": meta["data"],
                          "frames": meta["frames"], "info": meta["info"]}
     return model.to(device).eval()
+
+
+# ---- compact files without an architecture ------------------------------------------------------
+
+def save_compressed(model: nn.Module | dict, path: str | os.PathLike, metadata: dict | None = None) -> Path:
+    """Write ``model`` (a module, or a state dict) compactly to ``path`` (safetensors), atomically.
+    ``metadata``: any JSON-serialisable dict, returned by :func:`read_compressed`. The same format
+    as :func:`osbc.save`, without an architecture (so loading needs the model)."""
+    state, keys = storage.state_and_keys(model)
+    return fileformat.write(path, state, keys, {"format": storage.FORMAT, "user": json.dumps(metadata or {})})
+
+
+def _read(path, expect=None) -> tuple[dict[str, Tensor], dict]:
+    h = fileformat.read_header(path, "compact file")
+    if h.meta.get("format") != storage.FORMAT:
+        raise OsbcError(f"{h.path} is not an osbc compact file")
+    user = fileformat.parse_json(h.path, "user", h.meta.get("user") or "{}", dict)
+    return fileformat.read_state(h, expect), user
+
+
+def read_compressed(path: str | os.PathLike) -> tuple[dict[str, Tensor], dict]:
+    """``(state_dict, metadata)`` of a file written by :func:`save_compressed`, checked: a damaged
+    file raises :class:`~osbc.errors.OsbcError` (see :func:`osbc.fileformat.read_state`)."""
+    return _read(path)
+
+
+def load_compressed(path: str | os.PathLike, model: nn.Module | Callable[[], nn.Module],
+                    strict: bool = True) -> nn.Module:
+    """Load a compact file into ``model`` (a module, or a zero-argument callable that builds one)
+    and return it. The weights are exactly those that were saved. With ``strict``, the file must
+    hold exactly the model's tensors (dtypes and shapes), checked before decoding."""
+    if not isinstance(model, nn.Module):
+        model = model()
+    expect = {k: (v.dtype, tuple(v.shape)) for k, v in model.state_dict().items()} if strict else None
+    state, _ = _read(path, expect)
+    model.load_state_dict(state, strict=strict)
+    return model

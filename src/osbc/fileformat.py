@@ -1,7 +1,7 @@
 """The one osbc file format: a safetensors file holding a state dict encoded by :mod:`osbc.storage`.
 
 Checkpoints (:func:`osbc.save` / :func:`osbc.load`) and compact files
-(:func:`osbc.storage.save_compressed` / :func:`~osbc.storage.load_compressed`) are both written by
+(:func:`osbc.checkpoint.save_compressed` / :func:`~osbc.checkpoint.load_compressed`) are both written by
 :func:`write` and read by :func:`read_header` + :func:`read_state`; they differ only in the string
 fields the caller adds to the metadata (``format``, an architecture, user metadata). The metadata
 key ``storage`` holds the encoding (:func:`osbc.storage.encode_state_dict`) and a content hash of

@@ -49,9 +49,8 @@ from .errors import OsbcError
 from .griddetect import MAX_BITS, detect_grid
 from .layers import WEIGHT_LAYERS
 
-__all__ = ["encode_state_dict", "decode_state_dict", "check_encoding", "save_compressed", "load_compressed",
-           "read_compressed", "size_report", "format_size_report", "encode_tensor", "decode_tensor", "FORMAT",
-           "VERSION", "MAX_ELEMENTS"]
+__all__ = ["encode_state_dict", "decode_state_dict", "check_encoding", "state_and_keys", "size_report",
+           "format_size_report", "encode_tensor", "decode_tensor", "FORMAT", "VERSION", "MAX_ELEMENTS"]
 
 FORMAT = "osbc-compact"
 VERSION = 1
@@ -371,49 +370,10 @@ def _compressible_keys(model: nn.Module) -> list[str]:
 
 # ---- files ---------------------------------------------------------------------------------------
 
-def _state_and_keys(model: nn.Module | dict):
+def state_and_keys(model: nn.Module | dict):
     if isinstance(model, nn.Module):
         return model.state_dict(), _compressible_keys(model)
     return model, None
-
-
-def save_compressed(model: nn.Module | dict, path: str | os.PathLike, metadata: dict | None = None) -> Path:
-    """Write ``model`` (a module, or a state dict) compactly to ``path`` (safetensors), atomically.
-    ``metadata``: any JSON-serialisable dict, returned by :func:`read_compressed`. The same format
-    as :func:`osbc.save`, without an architecture (so loading needs the model)."""
-    from . import fileformat
-
-    state, keys = _state_and_keys(model)
-    return fileformat.write(path, state, keys, {"format": FORMAT, "user": json.dumps(metadata or {})})
-
-
-def _read(path, expect=None) -> tuple[dict[str, Tensor], dict]:
-    from . import fileformat
-
-    h = fileformat.read_header(path, "compact file")
-    if h.meta.get("format") != FORMAT:
-        raise OsbcError(f"{h.path} is not an osbc compact file")
-    user = fileformat.parse_json(h.path, "user", h.meta.get("user") or "{}", dict)
-    return fileformat.read_state(h, expect), user
-
-
-def read_compressed(path: str | os.PathLike) -> tuple[dict[str, Tensor], dict]:
-    """``(state_dict, metadata)`` of a file written by :func:`save_compressed`, checked: a damaged
-    file raises :class:`~osbc.errors.OsbcError` (see :func:`osbc.fileformat.read_state`)."""
-    return _read(path)
-
-
-def load_compressed(path: str | os.PathLike, model: nn.Module | Callable[[], nn.Module],
-                    strict: bool = True) -> nn.Module:
-    """Load a compact file into ``model`` (a module, or a zero-argument callable that builds one)
-    and return it. The weights are exactly those that were saved. With ``strict``, the file must
-    hold exactly the model's tensors (dtypes and shapes), checked before decoding."""
-    if not isinstance(model, nn.Module):
-        model = model()
-    expect = {k: (v.dtype, tuple(v.shape)) for k, v in model.state_dict().items()} if strict else None
-    state, _ = _read(path, expect)
-    model.load_state_dict(state, strict=strict)
-    return model
 
 
 # ---- size report -------------------------------------------------------------------------------
@@ -427,7 +387,7 @@ def size_report(model: nn.Module | dict) -> dict:
     ``bits`` (code width, or the float width), ``scale`` (channel/layer, for int), ``pow2``,
     ``dense_bytes`` (float32) and ``compressed_bytes``. ``other_bytes`` (biases, BatchNorm, neuron
     parameters, counted at their own width) is included in both totals; the safetensors header is not."""
-    state, keys = _state_and_keys(model)
+    state, keys = state_and_keys(model)
     keys = set(_default_weight_keys(state) if keys is None else keys)
     layers, wd, wc, other = [], 0, 0, 0
     for k, v in state.items():

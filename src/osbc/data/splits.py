@@ -18,7 +18,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
 from ..errors import OsbcError
-from .datasets import LabeledSubset, calibration_split
+from .subsets import LabeledSubset, calibration_split
 
 __all__ = ["TensorSet", "in_memory", "materialize", "calibration_inputs", "calibration_tensor", "Splits"]
 
