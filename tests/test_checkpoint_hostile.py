@@ -313,3 +313,14 @@ def test_cli_reports_one_line(ckpt, capsys, argv, culprit):
     rc = main(["info"] + [a.format(ckpt=ckpt) for a in argv])
     err = capsys.readouterr().err.strip()
     assert rc == 1 and err.startswith("osbc: error:") and "\n" not in err and culprit in err, err
+
+
+@pytest.mark.parametrize("edit,names", [
+    # well-formed, in range, and still the same shapes: only the metadata hash can tell
+    (edit_meta("kwargs", lambda s: s.replace('"hidden": 16', '"hidden": 16, "tau": 3.0')), ["metadata"]),
+    (edit_meta("frames", lambda s: "6"), ["metadata"]),
+    (edit_storage(lambda enc: enc["entries"]["fc2.weight"].__setitem__("pad", 1)), ["metadata"]),
+])
+def test_metadata_edits_that_pass_every_check_are_caught_by_the_hash(ckpt, edit, names):
+    rewrite(ckpt, edit)
+    _expect_error(ckpt, *names)

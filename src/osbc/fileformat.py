@@ -5,8 +5,9 @@ Checkpoints (:func:`osbc.save` / :func:`osbc.load`) and compact files
 :func:`write` and read by :func:`read_header` + :func:`read_state`; they differ only in the string
 fields the caller adds to the metadata (``format``, an architecture, user metadata). The metadata
 key ``storage`` holds the encoding (:func:`osbc.storage.encode_state_dict`) and a content hash of
-every stored tensor (its dtype, shape and raw bytes), so flipped bits or a relabelled dtype are
-caught instead of loading as different weights. Files without hashes (osbc before they were added)
+every stored tensor (its dtype, shape and raw bytes) plus one hash of the metadata itself (the
+encoding and the other fields: architecture, arguments, frames), so flipped bits, a relabelled dtype or
+an edited field are caught instead of loading as different weights or a different model. Files without hashes (osbc before they were added)
 still load; compact files of that era kept the encoding under ``osbc`` instead of ``storage``.
 
 Reading trusts nothing in the file, and every problem is an :class:`~osbc.errors.OsbcError` that
@@ -50,6 +51,15 @@ def digest(t: Tensor) -> str:
     return h.hexdigest()
 
 
+def _encoding_digest(enc: dict, fields: dict) -> str:
+    """Hash of the metadata itself: the encoding (layouts, shapes, bit widths, scales kept in JSON) and
+    the other string fields (architecture, its arguments, frames). A flipped byte there would turn
+    intact tensors into different weights, or rebuild a different model around them."""
+    body = {k: v for k, v in enc.items() if k not in ("hashes", "encoding_hash")}
+    other = {k: v for k, v in fields.items() if k != "storage"}
+    return hashlib.blake2b(json.dumps([body, other], sort_keys=True).encode(), digest_size=16).hexdigest()
+
+
 def parse_json(path: Path, field: str, text, kind: type):
     """``json.loads(text)``, which must give a ``kind``; OsbcError naming the file and field."""
     if not isinstance(text, str):
@@ -72,6 +82,7 @@ def write(path: str | os.PathLike, state: dict, weight_keys, fields: dict[str, s
     tensors, enc = storage.encode_state_dict(state, weight_keys)
     tensors = {k: v.contiguous() for k, v in tensors.items()}
     enc["hashes"] = {k: digest(v) for k, v in tensors.items()}
+    enc["encoding_hash"] = _encoding_digest(enc, fields)
     meta = dict(fields, storage=json.dumps(enc))
     return atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=meta))
 
@@ -182,6 +193,9 @@ def read_state(h: Header, expect: dict[str, tuple[torch.dtype, tuple[int, ...]]]
     hashes = enc.get("hashes")
     if hashes is not None and (not isinstance(hashes, dict) or set(hashes) != set(h.tensors)):
         raise OsbcError(f"{h.path}: damaged osbc metadata: the content hashes do not list the stored tensors")
+    if hashes is not None and enc.get("encoding_hash") != _encoding_digest(enc, h.meta):
+        raise OsbcError(f"{h.path}: damaged osbc metadata: the encoding does not match its hash; "
+                        "the file was damaged after it was written")
     tensors = {}
     try:
         with safe_open(str(h.path), framework="pt") as f:
