@@ -55,6 +55,12 @@ class Grid:
         s = self._scale(w, rows)
         return torch.round(w / s).clamp_(self.qmin, self.qmax).mul_(s)
 
+    def select(self, rows) -> "Grid":
+        """The grid of rows ``rows`` only (``None``: this grid)."""
+        if rows is None:
+            return self
+        return Grid(self.bits, self.scale[rows.to(self.scale.device)], self.full_range)
+
     def to(self, device) -> "Grid":
         return Grid(self.bits, self.scale.to(device), self.full_range)
 
