@@ -34,6 +34,7 @@ def plain_greedy(w, H, damp=0.01, nm=None, block=1, steps=None):
         n, m = nm
         cap = m - n
         cnt = np.zeros((d + m - 1) // m, int)
+        cnt[-1] = -d % m            # a partial last group: its padding counts as removed
     for i in np.nonzero(dead)[0]:
         if nm and cnt[i // m] >= cap:
             continue
@@ -366,9 +367,13 @@ def test_nm_pattern(nm):
     for keep in (S.prune_exact(W, H, 0.3, nm=nm)[1], S.prune_sparsegpt(W, H, 0.3, nm=nm)[1],
                  S.prune_magnitude(W, 0.3, nm=nm)[1]):
         assert int((~keep).sum()) == round(0.3 * R * d)
-    full = S.prune_exact(W, H, None, nm=nm)[1]
-    sizes = [min(m, d - g) for g in range(0, d, m)]
-    assert int((~full).sum()) == R * sum(min(m - n, s) for s in sizes)
+    # the full pattern: every group of m keeps exactly n, a partial last one min(its size, n)
+    sizes = torch.tensor([min(m, d - g) for g in range(0, d, m)])
+    for full in (S.prune_exact(W, H, None, nm=nm)[1], S.prune_exact(W, H, None, nm=nm, block=3)[1],
+                 S.prune_sparsegpt(W, H, None, nm=nm, blocksize=8)[1], S.prune_magnitude(W, None, nm=nm)[1]):
+        pad = torch.zeros(R, (d + m - 1) // m * m, dtype=torch.bool)
+        pad[:, :d] = full
+        assert (pad.view(R, -1, m).sum(2) == sizes.clamp(max=n)).all()
     with pytest.raises(ValueError):
         S.prune_exact(W, H, 0.99, nm=nm)
 
@@ -640,3 +645,29 @@ def test_weights_that_require_grad():
     torch.testing.assert_close(S.prune_exact(lin.weight, H, 0.5)[0], S.prune_exact(W, H, 0.5)[0])
     g = fit_grid(W, 4)
     torch.testing.assert_close(S.quantize_obq(lin.weight, H, g), S.quantize_obq(W, H, g))
+
+
+@pytest.mark.parametrize("scale", [2.0 ** 70, 2.0 ** 100])
+def test_huge_weights_prune_and_quantize_like_normal_ones(scale):
+    """Weights of 1e20 and more: float32 scores w^2 / [H^-1]_qq would overflow (and the greedy
+    re-pick removed weights); the solvers work at a power-of-two scale, so huge rows take the
+    same path as the unscaled ones and the layer hits its sparsity."""
+    torch.manual_seed(30)
+    R, d = 6, 40
+    H = spike_H(d, dead=(3,))
+    W = torch.randn(R, d)
+    mixed = W.clone()
+    mixed[:3] *= scale                               # some rows huge, some normal
+    for blk in (1, 4):
+        p, ref = S.obs_path(mixed, H, block=blk), S.obs_path(W, H, block=blk)
+        assert torch.equal(p.order, ref.order)
+        torch.testing.assert_close(p.loss[:3], ref.loss[:3] * scale ** 2)
+        Wn, keep, _ = S.prune_exact(W * scale, H, 0.9, block=blk)
+        assert torch.equal(keep, S.prune_exact(W, H, 0.9, block=blk)[1])
+        assert int((~keep).sum()) == round(0.9 * R * d) and torch.isfinite(Wn).all()
+    keep = S.prune_sparsegpt(W * scale, H, 0.9)[1]
+    assert torch.equal(keep, S.prune_sparsegpt(W, H, 0.9)[1])
+    big = W * 2.0 ** 80
+    assert torch.equal(S.quantize_obq(big, H, fit_grid(big, 4)), S.quantize_obq(W, H, fit_grid(W, 4)) * 2.0 ** 80)
+    with pytest.raises(ValueError, match="NaN or Inf"):
+        S.obs_path(torch.full((2, 4), float("inf")), torch.eye(4))

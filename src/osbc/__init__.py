@@ -11,7 +11,8 @@ from .report import LayerReport, Report
 _LAZY = {"prune": "compress", "quantize": "compress", "inspect": "compress", "Compressed": "compress",
          "export_nir": "nir_export", "save_compressed": "storage", "load_compressed": "storage",
          "size_report": "storage", "train": "training", "evaluate": "training", "TrainResult": "training",
-         "Evaluation": "training", "save": "checkpoint", "load": "checkpoint"}
+         "Evaluation": "training", "save": "checkpoint", "load": "checkpoint", "PruneConfig": "config",
+         "QuantConfig": "config"}
 
 
 def __getattr__(name: str):
@@ -24,6 +25,6 @@ def __getattr__(name: str):
 
 __version__ = "0.1.0"
 
-__all__ = ["prune", "quantize", "inspect", "Compressed", "Report", "LayerReport", "train", "evaluate", "save", "load",
+__all__ = ["prune", "quantize", "inspect", "Compressed", "PruneConfig", "QuantConfig", "Report", "LayerReport", "train", "evaluate", "save", "load",
            "export_nir", "save_compressed", "load_compressed", "size_report", "snn", "kernels", "models",
            "__version__"]

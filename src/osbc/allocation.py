@@ -16,6 +16,7 @@ import torch
 from torch import Tensor
 
 from .config import ALLOCATIONS
+from .errors import OsbcError
 
 __all__ = ["ALLOCATIONS", "uniform", "lamp", "layer_energy", "global_counts"]
 
@@ -81,5 +82,5 @@ def global_counts(losses: list[Tensor], energies: list[float], sparsity: float) 
     k = round(sparsity * total)
     finite = sum(int(torch.isfinite(L).sum()) for L in losses)
     if k > finite:
-        raise ValueError(f"sparsity {sparsity} needs {k} removals but the layers' paths allow {finite}")
+        raise OsbcError(f"sparsity {sparsity} needs {k} removals but the layers' paths allow {finite}")
     return [m.sum(1).to(torch.int64) for m in _select(rel, k)]

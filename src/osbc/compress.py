@@ -268,14 +268,15 @@ def prune(model: nn.Module, calib, sparsity: float | None = None, *, config: Pru
     plan = {t.name: s for t, s in zip(targets, layer_sparsity)}
 
     def solve(t: Target, hs) -> tuple[Tensor, str, None, str]:
-        s = plan[t.name]
         w = t.weight2d().to(run.device).float()
         R, d = w.shape
-        if method == "magnitude":
-            return solvers.prune_magnitude(w, s, nm=nm_t)[0], "magnitude", None, ""
-        kind = run.resolve_solver(t, s)
+        kind = "magnitude" if method == "magnitude" else run.resolve_solver(t, plan[t.name])
+        # N:M: the full pattern (sparsity None), also where a partial last group makes it < 1 - N/M
+        s = None if nm_t is not None else plan[t.name]
+        if kind == "magnitude":
+            return solvers.prune_magnitude(w, s, nm=nm_t)[0], kind, None, ""
         if kind == "fast":
-            return solvers.prune_sparsegpt(w, hs, s, nm=nm_t, damp=damp)[0], "fast", None, ""
+            return solvers.prune_sparsegpt(w, hs, s, nm=nm_t, damp=damp)[0], kind, None, ""
         w2, _, _ = solvers.prune_exact(w, hs, s, block=1 if kind == "exact" else max(1, d // 256), nm=nm_t,
                                        row_scale=run.row_scale(t), damp=damp, progress=run.verbose,
                                        path=cached_paths.get(t.name), counts=counts.get(t.name))

@@ -28,9 +28,10 @@ def prune_magnitude(W: Tensor, sparsity, *, nm=None):
     k = _budget(sparsity, R, d, nm)
     score = W.detach().abs().to(torch.float64)
     if nm is not None:
-        gid, G, cap, _ = _nm_groups(d, nm, W.device)
+        gid, G, cap, _, _ = _nm_groups(d, nm, W.device)
         m = nm[1]
-        pad = torch.full((R, G * m), float("inf"), dtype=torch.float64, device=W.device)
+        # a partial last group's padding ranks first: it counts as removed (see _nm_groups)
+        pad = torch.full((R, G * m), -float("inf"), dtype=torch.float64, device=W.device)
         pad[:, :d] = score
         rank = torch.sort(torch.sort(pad.view(R, G, m), dim=2, stable=True).indices, dim=2).indices
         cand = (rank < cap).view(R, G * m)[:, :d]

@@ -10,6 +10,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from ..errors import OsbcError
+
 Groups = list[tuple[Tensor | None, Tensor]]
 
 
@@ -19,7 +21,7 @@ def groups(H) -> Groups:
         return [(None, H)]
     out = [(rows, Hg) for rows, Hg in H]
     if not out:
-        raise ValueError("no Hessian groups given")
+        raise OsbcError("no Hessian groups given")
     return out
 
 

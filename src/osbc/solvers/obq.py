@@ -16,6 +16,7 @@ from .engine.workers import _chunks, _map, _pooled, _progress, _rows_per_chunk, 
 from .fixed_support import _padded, _sym_gather
 from .groups import groups, per_group, take
 from .options import DEFAULT_MAX_MEMORY, DEFAULT_OPTIONS, EngineOptions, EngineStats
+from .pattern import pow2_row_scale
 from .sweep import quantize_gptq
 
 __all__ = ["quantize_obq", "quantize_exact"]
@@ -63,6 +64,10 @@ def _obq(W: Tensor, H: Tensor, grid: Grid, keep_mask, damp, progress, max_memory
     w0 = W.detach().to(cdt)
     out = grid.quantize(w0)                     # dead inputs (and the fallback) : round to nearest
     sc_all = grid.scale.to(device=dev, dtype=cdt)
+    ws, f = w0, pow2_row_scale(W)      # rows of huge weights: solved at a power-of-two scale, exactly
+    if f is not None:
+        ws = (W.detach().double() / f[:, None]).to(cdt)
+        sc_all = (grid.scale.to(device=dev, dtype=torch.float64) / f).to(cdt)
     qmin, qmax = grid.qmin, grid.qmax
     es = torch.finfo(cdt).bits // 8
     if shared:
@@ -85,7 +90,7 @@ def _obq(W: Tensor, H: Tensor, grid: Grid, keep_mask, damp, progress, max_memory
                 c = rows.stop - rows.start
                 buf = _pooled(bufs, lambda: Hinv.new_empty(chunks[0].stop, n, n))
                 lz = _Lazy(buf[:c], lazy, base=Hinv, ucache=ucache, panel=opts.panel)
-                w = w0[rows][:, a].clone()
+                w = ws[rows][:, a].clone()
                 pen = torch.zeros_like(w)
                 idx = a[None].expand(c, n).contiguous()
                 with _step_threads(workers, dev, opts):
@@ -93,7 +98,7 @@ def _obq(W: Tensor, H: Tensor, grid: Grid, keep_mask, damp, progress, max_memory
                 flops = lz.flops
                 del lz
                 bufs.put(buf)
-                out[rows] = out[rows].scatter_(1, q, t)
+                out[rows] = out[rows].scatter_(1, q, _unscale(t, f, rows))
                 return flops
 
             _record(stats, _map(solve, chunks, workers))
@@ -137,7 +142,7 @@ def _obq(W: Tensor, H: Tensor, grid: Grid, keep_mask, damp, progress, max_memory
         sig = (A.diagonal(dim1=1, dim2=2) * valid).sum(1) / valid.sum(1).clamp_min(1)
         lz = _Lazy((_chol_inverse(Lc) * sig[:, None, None]).to(cdt), lazy, ucache=ucache, panel=opts.panel)
         del A, Lc
-        w = w0[rr].gather(1, pos) * valid
+        w = ws[rr].gather(1, pos) * valid
         pen = torch.zeros_like(w).masked_fill_(~valid, 1e30)     # padding: picked last, a no-op
         idx = torch.where(valid, pos, torch.full_like(pos, d))
         with _step_threads(workers, dev, opts):
@@ -145,7 +150,7 @@ def _obq(W: Tensor, H: Tensor, grid: Grid, keep_mask, damp, progress, max_memory
         flops = lz.flops
         del lz
         o = torch.cat([out[rr], out.new_zeros(len(rr), 1)], 1)
-        o.scatter_(1, q, t)
+        o.scatter_(1, q, _unscale(t, f, rr))
         out[rr] = o[:, :d]
         return flops
 
@@ -159,3 +164,7 @@ def _obq(W: Tensor, H: Tensor, grid: Grid, keep_mask, damp, progress, max_memory
 def _record(stats: EngineStats | None, flops: list[int]) -> None:
     if stats is not None:
         stats.add(sum(flops))
+
+
+def _unscale(t: Tensor, f: Tensor | None, rows) -> Tensor:
+    return t if f is None else (t.double() * f[rows, None]).to(t.dtype)

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from ..errors import OsbcError
 from .damping import _block, _cdtype, _chol_inverse, _damped
 from .engine.greedy import _greedy, _greedy_block, _lazy_batch
 from .engine.lazy import _Lazy
@@ -22,7 +23,7 @@ from .engine.workers import _chunks, _map, _pooled, _progress, _rows_per_chunk, 
 from .fixed_support import solve_on_support
 from .groups import groups, per_group, restrict, take
 from .options import DEFAULT_MAX_MEMORY, DEFAULT_OPTIONS, EngineOptions, EngineStats
-from .pattern import _budget, _nm_groups
+from .pattern import _budget, _nm_groups, pow2_row_scale
 
 __all__ = ["PrunePath", "obs_path", "budget_counts", "prune_exact"]
 
@@ -73,13 +74,16 @@ def _obs_path(W: Tensor, H: Tensor, max_steps, block, nm, damp, progress, max_me
     """obs_path for one H ([d, d] or [R, d, d])."""
     W = W.detach()
     R, d = W.shape
+    if not bool(torch.isfinite(W).all()):
+        raise OsbcError("obs_path: W holds NaN or Inf; only finite weights can be pruned")
+    f = pow2_row_scale(W)
     dev, cdt = W.device, _cdtype(W)
     shared = H.dim() == 2
     if H.shape[-2:] != (d, d) or (not shared and H.shape[0] != R):
-        raise ValueError(f"H must be [{d}, {d}] or [{R}, {d}, {d}], got {tuple(H.shape)}")
+        raise OsbcError(f"H must be [{d}, {d}] or [{R}, {d}, {d}], got {tuple(H.shape)}")
     block = max(1, int(block))
     if nm is not None:
-        gid_all, G, cap, total = _nm_groups(d, nm, dev)
+        gid_all, G, cap, total, pad = _nm_groups(d, nm, dev)
     else:
         total = d
     S = total if max_steps is None else max(0, min(int(max_steps), total))
@@ -93,12 +97,13 @@ def _obs_path(W: Tensor, H: Tensor, max_steps, block, nm, damp, progress, max_me
         ones, and (N:M) each group's removals so far."""
         if nm is None:
             return dead_common, ~dead_common, None
-        # dead inputs count against their group's allowance: the first `cap` of each group go
+        # dead inputs count against their group's allowance (after a partial group's padding):
+        # the first of each group go
         rank = torch.cumsum(dead_common.to(torch.int64), 0) - 1
         first = torch.zeros(G, dtype=torch.int64, device=dev).scatter_reduce_(
             0, gid_all, torch.where(dead_common, rank, torch.full_like(rank, 1 << 40)), "amin", include_self=False)
-        pre = dead_common & ((rank - first[gid_all]) < cap)
-        cnt0 = torch.bincount(gid_all[pre], minlength=G)
+        pre = dead_common & ((rank - first[gid_all]) < (cap - pad)[gid_all])
+        cnt0 = torch.bincount(gid_all[pre], minlength=G) + pad
         return pre, ~pre & (cnt0 < cap)[gid_all], cnt0
 
     es = torch.finfo(cdt).bits // 8
@@ -153,7 +158,10 @@ def _obs_path(W: Tensor, H: Tensor, max_steps, block, nm, damp, progress, max_me
             else:
                 lz = _Lazy((Hinv_c[:, a_idx][:, :, a_idx] * sigma[:, None, None]).to(cdt), lazy, ucache=ucache,
                            panel=opts.panel)
-            w = W[rows][:, a_idx].to(cdt).clone()
+            if f is None:
+                w = W[rows][:, a_idx].to(cdt).clone()
+            else:
+                w = (W[rows][:, a_idx].double() / f[rows, None]).to(cdt)
             forced = dead[:, a_idx]
             pen = torch.zeros(c, n, dtype=cdt, device=dev).masked_fill_(forced, -float("inf"))
             idx = a_idx[None].expand(c, n).contiguous()
@@ -170,6 +178,8 @@ def _obs_path(W: Tensor, H: Tensor, max_steps, block, nm, damp, progress, max_me
             if shared:
                 bufs.put(buf)
             lo = e.double() ** 2 / (2 * dq.double()) * sigma.to(dev)[:, None]
+            if f is not None:
+                lo = lo * f[rows, None] ** 2
             lo = lo.masked_fill(dead[torch.arange(c, device=dev)[:, None], q], 0.0)
             order[rows, plen:] = q
             loss[rows, plen:] = lo
@@ -193,7 +203,7 @@ def budget_counts(path: PrunePath, k: int, row_scale: Tensor | None = None) -> T
     R, S = loss.shape
     k = int(k)
     if k < 0 or k > R * S:
-        raise ValueError(f"budget k={k} outside [0, {R * S}] (R={R} rows x {S} computed steps)")
+        raise OsbcError(f"budget k={k} outside [0, {R * S}] (R={R} rows x {S} computed steps)")
     if row_scale is not None:
         loss = loss * row_scale.to(device=loss.device, dtype=torch.float64).clamp_min(0).reshape(R, 1)
     if k == 0:
@@ -258,7 +268,7 @@ def prune_exact(W: Tensor, H, sparsity, *, block: int = 1, nm=None, row_scale: T
             path = PrunePath(order, loss)
             counts = budget_counts(path, k, row_scale)
     elif path is None:
-        raise ValueError("prune_exact: counts need the path they count along")
+        raise OsbcError("prune_exact: counts need the path they count along")
     keep = _keep_from_counts(path.order, counts, d)
     W_new = solve_on_support(W, gs, keep, damp, max_memory=max_memory)
     losses = per_group(W, gs, lambda Wg, Hg, rows: _row_losses(Wg, take(W_new, rows), Hg, take(row_scale, rows)))

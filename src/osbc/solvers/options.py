@@ -9,6 +9,8 @@ from __future__ import annotations
 import threading
 from dataclasses import dataclass, field
 
+from ..errors import OsbcError
+
 __all__ = ["EngineOptions", "EngineStats", "DEFAULT_OPTIONS", "DEFAULT_MAX_MEMORY"]
 
 DEFAULT_MAX_MEMORY = 384 * 2 ** 20
@@ -40,7 +42,7 @@ class EngineOptions:
         for name in ("lazy", "lazy_jit", "ucache", "panel", "workers"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-                raise ValueError(f"EngineOptions.{name} must be a positive integer, got {v!r}")
+                raise OsbcError(f"EngineOptions.{name} must be a positive integer, got {v!r}")
 
 
 DEFAULT_OPTIONS = EngineOptions()

@@ -12,11 +12,12 @@ import math
 import torch
 from torch import Tensor
 
+from ..errors import OsbcError
 from ..quant import Grid
 from .baselines import _finish_q, _smallest_mask
 from .damping import _block, _cdtype, _damped
 from .groups import groups, per_group, take
-from .pattern import _budget, _nm_groups
+from .pattern import _budget, _nm_groups, pow2_row_scale
 
 __all__ = ["prune_sparsegpt", "quantize_gptq"]
 
@@ -78,19 +79,20 @@ def prune_sparsegpt(W: Tensor, H, sparsity, *, nm=None, blocksize: int = 128, da
 
 def _sparsegpt(W: Tensor, H: Tensor, sparsity, nm, blocksize: int, damp: float):
     if H.dim() != 2:
-        raise ValueError("prune_sparsegpt needs a shared H [d, d]; group rows that share a Hessian")
+        raise OsbcError("prune_sparsegpt needs a shared H [d, d]; group rows that share a Hessian")
     R, d = W.shape
     dev, cdt = W.device, _cdtype(W)
     k = _budget(sparsity, R, d, nm)
     _, Lf, dead = _damped(H.to(dev), damp, flip=True)
-    w = W.detach().to(cdt).clone()
+    f = pow2_row_scale(W, per_layer=True)     # one factor: the budget ranks scores across rows
+    w = W.detach().to(cdt).clone() if f is None else (W.detach().double() / f[0]).to(cdt)
     prune = torch.zeros(R, d, dtype=torch.bool, device=dev)
     if nm is None:
         dcols = torch.nonzero(dead)[:, 0]
         nd = R * int(dcols.numel())
         if k <= nd:   # only free weights go: any k of them, the smallest first
             prune[:, dcols] = _smallest_mask(w[:, dcols].abs(), k)
-            return (w * ~prune).to(W.dtype), ~prune
+            return _unscale(w * ~prune, f, W.dtype), ~prune
         prune[:, dcols] = True
         a = torch.nonzero(~dead)[:, 0]
         # dead inputs are decoupled: the live block of the factor is the live block's factor
@@ -114,11 +116,11 @@ def _sparsegpt(W: Tensor, H: Tensor, sparsity, nm, blocksize: int, damp: float):
         w[:, a] = wa
         prune[:, a] = pa
     else:
-        gid, G, cap, tot = _nm_groups(d, nm, dev)
+        gid, G, cap, tot, _ = _nm_groups(d, nm, dev)
         m = nm[1]
         bs = max(m, blocksize // m * m)
         sizes = [min(m, d - g * m) for g in range(G)]
-        quota = _quotas(k, [R * min(cap, s_) for s_ in sizes])
+        quota = _quotas(k, [R * max(0, s_ - nm[0]) for s_ in sizes])   # a partial group: padded
         Uc = _hinv_upper(Lf).to(cdt)
         del Lf
         dg = Uc.diagonal()
@@ -130,14 +132,18 @@ def _sparsegpt(W: Tensor, H: Tensor, sparsity, nm, blocksize: int, damp: float):
                 sc = W1[:, cols] ** 2 / dg[i:i + sizes[g]] ** 2
                 sc = sc.masked_fill(dead[i:i + sizes[g]], -float("inf"))
                 cand = torch.zeros_like(sc, dtype=torch.bool).scatter_(
-                    1, torch.sort(sc, dim=1, stable=True).indices[:, :min(cap, sizes[g])], True)
-                if quota[g] < R * min(cap, sizes[g]):   # a partial pattern: the cheapest candidates
+                    1, torch.sort(sc, dim=1, stable=True).indices[:, :max(0, sizes[g] - nm[0])], True)
+                if quota[g] < R * max(0, sizes[g] - nm[0]):   # a partial pattern: the cheapest candidates
                     cand = _smallest_mask(sc.masked_fill(~cand, float("inf")), quota[g])
                 prune[:, i:i + sizes[g]] = cand
             return W1[:, il] * ~prune[:, i]
         _sweep(w, Uc, bs, target)
     w.masked_fill_(prune, 0.0)
-    return w.to(W.dtype), ~prune
+    return _unscale(w, f, W.dtype), ~prune
+
+
+def _unscale(w: Tensor, f: Tensor | None, dtype) -> Tensor:
+    return w.to(dtype) if f is None else (w.double() * f[0]).to(dtype)
 
 
 
@@ -153,7 +159,7 @@ def quantize_gptq(W: Tensor, H, grid: Grid, *, keep_mask: Tensor | None = None, 
 
 def _gptq(W: Tensor, H: Tensor, grid: Grid, keep_mask, blocksize: int, act_order: bool, damp: float) -> Tensor:
     if H.dim() != 2:
-        raise ValueError("quantize_gptq needs a shared H [d, d]; group rows that share a Hessian")
+        raise OsbcError("quantize_gptq needs a shared H [d, d]; group rows that share a Hessian")
     R, d = W.shape
     dev, cdt = W.device, _cdtype(W)
     keep = None if keep_mask is None else keep_mask.to(device=dev, dtype=torch.bool)
