@@ -23,11 +23,12 @@ from tqdm.auto import tqdm
 
 from . import allocation as _alloc
 from . import solvers
-from .config import (ALLOCATIONS, CALIBRATIONS, PRUNE_METHODS, QUANT_METHODS, SOLVERS, CompressConfig,  # noqa: F401
-                     PruneConfig, QuantConfig)
+# the choice tuples stay importable from here (the CLI reads them) until it takes them from config
+from .config import (ALLOCATIONS, CALIBRATIONS, PRUNE_METHODS, QUANT_METHODS, SOLVERS,  # noqa: F401
+                     CompressConfig, PruneConfig, QuantConfig)
 from .device import resolve_device
-from .errors import OsbcError
 from .discover import Recorder, Target, batches, find_modules
+from .errors import OsbcError
 from .hessian import HessianAccumulator
 from .kernels import Kernel
 from .quant import fit_grid
