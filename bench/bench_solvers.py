@@ -23,6 +23,7 @@ linearly (rows are independent); such rows are marked "~".
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import resource
@@ -80,6 +81,8 @@ def run_case(shape: str, solver: str, args) -> dict:
     import torch
     from osbc import solvers as S
     from osbc.quant import fit_grid
+    from osbc.solvers.engine.greedy import _lazy_batch
+    from osbc.solvers.engine.workers import _rows_per_chunk
     R, d = map(int, shape.split("x"))
     H = spike_hessian(d, N=args.samples, T=args.steps, dead_frac=args.dead)
     n_live = int((H.diagonal() > 0).sum())
@@ -89,27 +92,28 @@ def run_case(shape: str, solver: str, args) -> dict:
     S.quantize_gptq(torch.randn(8, 64), torch.eye(64), fit_grid(torch.randn(8, 64), 4))
     base_rss = _rss_mb()
     mem = args.max_memory or S.DEFAULT_MAX_MEMORY
+    opts = S.EngineOptions()
+    stats = S.EngineStats()
     rows = R
     note = ""
     if solver in EXACT and args.quick and R * (2 * n_live ** 3 / 3) / 1.5e11 > args.budget:
         # subset of rows: whole chunks of the solver's own chunking, at least two rows
-        per_row = 4 * (n_live * n_live + S._lazy_batch("cpu", 1)[0] * n_live + 16 * d)
-        c = S._rows_per_chunk(per_row, R, mem)
+        per_row = 4 * (n_live * n_live + _lazy_batch("cpu", 1, opts)[0] * n_live + 16 * d)
+        c = _rows_per_chunk(per_row, R, mem)
         target = max(2, int(R * args.budget / (R * (2 * n_live ** 3 / 3) / 1.5e11)))
         rows = min(R, max(c, target // c * c))
         note = f"~ {rows}/{R} rows, extrapolated"
     Wr = W[:rows]
-    S._FLOPS[0] = 0
     grid = fit_grid(Wr, 4)
     sp = args.sparsity
     blk = max(1, d // 256)
     fns = {
-        "exact": lambda: S.prune_exact(Wr, H, sp, max_memory=mem),
-        "blocked": lambda: S.prune_exact(Wr, H, sp, block=blk, max_memory=mem),
+        "exact": lambda: S.prune_exact(Wr, H, sp, max_memory=mem, options=opts, stats=stats),
+        "blocked": lambda: S.prune_exact(Wr, H, sp, block=blk, max_memory=mem, options=opts, stats=stats),
         "sparsegpt": lambda: S.prune_sparsegpt(Wr, H, sp),
-        "exact24": lambda: S.prune_exact(Wr, H, None, nm=(2, 4), max_memory=mem),
+        "exact24": lambda: S.prune_exact(Wr, H, None, nm=(2, 4), max_memory=mem, options=opts, stats=stats),
         "sparsegpt24": lambda: S.prune_sparsegpt(Wr, H, None, nm=(2, 4)),
-        "obq4": lambda: S.quantize_obq(Wr, H, grid, max_memory=mem),
+        "obq4": lambda: S.quantize_obq(Wr, H, grid, max_memory=mem, options=opts, stats=stats),
         "gptq4": lambda: S.quantize_gptq(Wr, H, grid),
         "rtn4": lambda: S.quantize_rtn(Wr, grid),
     }
@@ -117,7 +121,7 @@ def run_case(shape: str, solver: str, args) -> dict:
     peak = _rss_mb()
     if solver in EXACT:
         m_sup = min(round((1 - (0.5 if solver == "exact24" else sp)) * d), d) if solver != "obq4" else 0
-        flops = S._FLOPS[0] + d ** 3 / 3 + 4 / 3 * n_live ** 3 + rows * m_sup ** 3 / 3
+        flops = stats.flops + d ** 3 / 3 + 4 / 3 * n_live ** 3 + rows * m_sup ** 3 / 3
     elif solver in ("sparsegpt", "sparsegpt24", "gptq4"):
         flops = 2 / 3 * d ** 3 + rows * d * d
     else:
@@ -131,15 +135,15 @@ def run_case(shape: str, solver: str, args) -> dict:
                 threads=torch.get_num_threads(), note=note)
 
 
-ABLATIONS = [  # (name, solver module settings, max_steps beyond the dead prefix or None)
+ABLATIONS = [  # (name, EngineOptions changes, max_steps beyond the dead prefix or None)
     ("current", {}, None),
-    ("torch steps instead of compiled ones", {"_JIT": False}, None),
-    ("one chunk at a time, on all threads", {"_WORKERS": 1}, None),
-    ("full-matrix flush (no symmetric panels)", {"_PANEL": 1 << 30}, None),
-    ("lazy batch B=128 instead of 256", {"_LAZY_JIT": 128}, None),
-    ("no window compaction", {"_COMPACT": False}, None),
+    ("torch steps instead of compiled ones", {"jit": False}, None),
+    ("one chunk at a time, on all threads", {"workers": 1}, None),
+    ("full-matrix flush (no symmetric panels)", {"panel": 1 << 30}, None),
+    ("lazy batch B=128 instead of 256", {"lazy_jit": 128}, None),
+    ("no window compaction", {"compact": False}, None),
     ("current, first 300 greedy steps", {}, 300),
-    ("no lazy batch (B=1), 300 steps", {"_LAZY": 1, "_LAZY_JIT": 1}, 300),
+    ("no lazy batch (B=1), 300 steps", {"lazy": 1, "lazy_jit": 1}, 300),
 ]
 
 
@@ -147,29 +151,26 @@ def ablate(shape: str, args):
     """The exact path on one chunk of rows per worker of ``shape``, each optimisation switched off."""
     import torch
     from osbc import solvers as S
+    from osbc.solvers.engine.greedy import _lazy_batch
+    from osbc.solvers.engine.workers import _rows_per_chunk, _workers
     R, d = map(int, shape.split("x"))
     H = spike_hessian(d, N=args.samples, T=args.steps, dead_frac=args.dead)
     n = int((H.diagonal() > 0).sum())
     mem = args.max_memory or S.DEFAULT_MAX_MEMORY
-    workers = S._workers("cpu")
-    c = S._rows_per_chunk(4 * (n * n + S._lazy_batch("cpu", workers)[0] * n + 16 * d), R, mem // workers)
+    opts = S.EngineOptions()
+    workers = _workers("cpu", opts)
+    c = _rows_per_chunk(4 * (n * n + _lazy_batch("cpu", workers, opts)[0] * n + 16 * d), R, mem // workers)
     rows = min(R, c * workers)
     W = torch.randn(R, d, generator=torch.Generator().manual_seed(1))[:rows] * 0.05
     S.obs_path(W[:2], H, max_steps=d - n + 50)
     print(f"{shape}: exact path of {rows} rows ({workers} workers x {c}, {n} live inputs); x{R / rows:.1f} "
           f"for the layer")
     for name, sets, steps in ABLATIONS:
-        old = {k: getattr(S, k) for k in sets}
-        for k, v in sets.items():
-            setattr(S, k, v)
-        S._FLOPS[0] = 0
-        try:
-            ts = [_timed(lambda: S.obs_path(W, H, max_steps=None if steps is None else d - n + steps,
-                                            max_memory=mem)) for _ in range(args.repeat)]
-        finally:
-            for k, v in old.items():
-                setattr(S, k, v)
-        print(f"  {name:38s} {min(ts):8.2f} s   executed {S._FLOPS[0] / len(ts) / 1e9:7.1f} GFLOP", flush=True)
+        o = dataclasses.replace(opts, **sets)
+        stats = S.EngineStats()
+        ts = [_timed(lambda: S.obs_path(W, H, max_steps=None if steps is None else d - n + steps, max_memory=mem,
+                                        options=o, stats=stats)) for _ in range(args.repeat)]
+        print(f"  {name:38s} {min(ts):8.2f} s   executed {stats.flops / len(ts) / 1e9:7.1f} GFLOP", flush=True)
 
 
 def main(argv=None):

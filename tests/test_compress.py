@@ -105,6 +105,24 @@ def test_nm_pattern(calib, solver):
     assert zero_frac(res.model) == pytest.approx(0.5)
 
 
+@pytest.mark.parametrize("method, solver", [("osbc", "exact"), ("osbc", "blocked"), ("obc", "fast"),
+                                            ("magnitude", "auto")])
+def test_nm_pattern_on_inputs_not_a_multiple_of_m(method, solver):
+    """18 inputs, 2:4: every group of 4 keeps at most 2 (the partial last group of 2 counts as
+    padded), in all four solvers; before, the layer's budget round(0.5 R d) left some rows 3 of 4."""
+    m = trained_like_mlp(d_in=18, hidden=12)
+    res = osbc.prune(m, spikes(32, 8, 18, rate=0.2, dead=0.1), nm="2:4", method=method, solver=solver,
+                     verbose=False)
+    for name in ("fc1", "fc2"):
+        w = getattr(res.model, name).weight.detach()
+        R, d = w.shape
+        padded = torch.zeros(R, -(-d // 4) * 4)
+        padded[:, :d] = w
+        assert ((padded.view(R, -1, 4) != 0).sum(-1) <= 2).all()
+    fc1 = res.model.fc1.weight.detach()
+    assert ((fc1[:, :16].reshape(12, 4, 4) != 0).sum(-1) == 2).all()    # full groups: exactly N
+
+
 def test_sequential_calibration_runs_and_differs(calib):
     d = osbc.prune(trained_like_mlp(), calib, sparsity=0.9, calibration="dense", verbose=False).model
     s = osbc.prune(trained_like_mlp(), calib, sparsity=0.9, calibration="sequential", verbose=False).model

@@ -8,21 +8,17 @@ import torch
 
 from osbc import solvers as S
 from osbc.quant import fit_grid
+from osbc.solvers import reference
+from osbc.solvers.engine import greedy as engine_greedy
+from osbc.solvers.damping import _damped as damped_factor
+from osbc.solvers.engine.lazy import _Lazy
+from osbc.solvers.obs import _keep_from_counts as keep_from_counts
+from osbc.solvers.sweep import _hinv_upper as hinv_upper
 
 
 # ---- independent references -------------------------------------------------------------------
 
-def np_damped(H, damp=0.01):
-    """The documented damping: dead inputs (zero diagonal) decoupled with unit diagonal, lambda =
-    damp * mean of the live diagonal."""
-    H = np.array(H, dtype=np.float64)
-    H = 0.5 * (H + H.T)
-    dead = np.diag(H) <= 0
-    H[dead, :] = 0
-    H[:, dead] = 0
-    mean = np.diag(H)[~dead].mean() if (~dead).any() else 1.0
-    H[dead, dead] = 1.0
-    return H + damp * mean * np.eye(len(H)), dead
+np_damped = reference.damped      # the documented damping
 
 
 def plain_greedy(w, H, damp=0.01, nm=None, block=1, steps=None):
@@ -38,6 +34,7 @@ def plain_greedy(w, H, damp=0.01, nm=None, block=1, steps=None):
         n, m = nm
         cap = m - n
         cnt = np.zeros((d + m - 1) // m, int)
+        cnt[-1] = -d % m            # a partial last group: its padding counts as removed
     for i in np.nonzero(dead)[0]:
         if nm and cnt[i // m] >= cap:
             continue
@@ -112,18 +109,16 @@ STEPS = ["jit", "torch"] if importlib.util.find_spec("numba") else ["torch"]
 
 
 @pytest.fixture(params=[(w, st) for st in STEPS for w in (1, 2)], ids=lambda p: f"{p[0]}worker-{p[1]}")
-def small_lazy(monkeypatch, request):
-    """A tiny lazy batch and flush panel, so short paths exercise many flushes, compactions, panel
-    boundaries and mirrors; with one worker and with two concurrent ones; with the compiled steps
-    (osbc.jit) and with the torch ones."""
+def small_lazy(request):
+    """Engine options with a tiny lazy batch and flush panel, so short paths exercise many flushes,
+    compactions, panel boundaries and mirrors; with one worker and with two concurrent ones; with
+    the compiled steps (engine.jit) and with the torch ones."""
     workers, steps = request.param
-    monkeypatch.setattr(S, "_LAZY", 3)
-    monkeypatch.setattr(S, "_LAZY_JIT", 3)
-    monkeypatch.setattr(S, "_PANEL", 5)
-    monkeypatch.setattr(S, "_WORKERS", workers)
-    monkeypatch.setattr(S, "_JIT", steps == "jit")
-    if workers > 1 and torch.get_num_threads() < 2:
-        monkeypatch.setattr(S, "_workers", lambda device: workers)
+    threads = torch.get_num_threads()
+    if workers > threads:           # the engine runs at most one worker per intra-op thread
+        torch.set_num_threads(workers)
+    yield S.EngineOptions(lazy=3, lazy_jit=3, panel=5, workers=workers, jit=steps == "jit")
+    torch.set_num_threads(threads)
 
 
 # ---- damping ---------------------------------------------------------------------------------
@@ -212,7 +207,7 @@ def test_lazy_path_equals_plain_greedy(small_lazy, kw):
     H = spike_H(d, dead=(2, 5, 11), p=0.35)
     W = torch.randn(R, d, dtype=torch.float64)
     W[0, 7] = 0.0
-    p = S.obs_path(W, H, max_memory=8 * (d * d + 3 * d + 16 * d) * 3, **kw)   # chunks of 3 rows
+    p = S.obs_path(W, H, max_memory=8 * (d * d + 3 * d + 16 * d) * 3, options=small_lazy, **kw)   # chunks of 3 rows
     for r in range(R):
         o, l, _ = plain_greedy(W[r].numpy(), H.numpy(), nm=kw.get("nm"), block=kw.get("block", 1))
         assert p.order[r].tolist() == o.tolist()
@@ -224,9 +219,9 @@ def test_lazy_path_per_row_hessian(small_lazy):
     R, d = 5, 20
     Hs = torch.stack([spike_H(d, seed=s, dead=(1, 9)) for s in range(R)])
     W = torch.randn(R, d, dtype=torch.float64)
-    p = S.obs_path(W, Hs, max_memory=1)                # one row per chunk
+    p = S.obs_path(W, Hs, max_memory=1, options=small_lazy)                # one row per chunk
     for r in range(R):
-        o, l, _ = plain_greedy(W[r].numpy(), Hs[r].numpy())
+        o, l, _ = reference.greedy_path(W[r].numpy(), Hs[r].numpy())
         assert p.order[r].tolist() == o.tolist()
         np.testing.assert_allclose(p.loss[r].numpy(), l, rtol=1e-8)
 
@@ -235,25 +230,31 @@ def test_per_row_dead_inputs_first(small_lazy):
     R, d = 3, 12
     Hs = torch.stack([spike_H(d, seed=s, dead=dd) for s, dd in enumerate([(0, 5), (5,), (3, 7, 8)])])
     W = torch.randn(R, d, dtype=torch.float64)
-    p = S.obs_path(W, Hs)
+    p = S.obs_path(W, Hs, options=small_lazy)
     for r, dd in enumerate([(0, 5), (5,), (3, 7, 8)]):
         assert sorted(p.order[r, :len(dd)].tolist()) == list(dd)
         assert (p.loss[r, :len(dd)] == 0).all()
-        o, l, _ = plain_greedy(W[r].numpy(), Hs[r].numpy())
+        o, l, _ = reference.greedy_path(W[r].numpy(), Hs[r].numpy())
         assert p.order[r, len(dd):].tolist() == o[len(dd):].tolist()
 
 
-def test_block_engine_with_k1_equals_exact(small_lazy, monkeypatch):
+def test_block_engine_with_k1_equals_exact(small_lazy):
+    """The k-per-step engine with k = 1 takes the one-per-step engine's steps."""
     torch.manual_seed(5)
-    W = torch.randn(6, 18, dtype=torch.float64)
-    H = spike_H(18, dead=(3,))
-    ref = S.obs_path(W, H)
-    blk = S._greedy_block
-    monkeypatch.setattr(S, "_greedy", lambda lz, w, pen, idx, steps, nm=None, bar=None, quant=None:
-                        (*blk(lz, w, pen, idx, steps, 1, nm=nm, bar=bar), None))
-    got = S.obs_path(W, H)
-    assert torch.equal(got.order, ref.order)
-    torch.testing.assert_close(got.loss, ref.loss, rtol=1e-10, atol=1e-14)
+    c, d = 6, 18
+    W = torch.randn(c, d, dtype=torch.float64)
+    Hinv = S.damp_inverse(spike_H(d))[0]
+    out = []
+    for block in (False, True):
+        lz = _Lazy(Hinv.expand(c, d, d).clone(), small_lazy.lazy, panel=small_lazy.panel)
+        args = (lz, W.clone(), torch.zeros(c, d, dtype=W.dtype), torch.arange(d).expand(c, d).contiguous(), d)
+        if block:
+            out.append(engine_greedy._greedy_block(*args, 1))
+        else:
+            out.append(engine_greedy._greedy(*args, small_lazy)[:3])
+    (q0, e0, d0), (q1, e1, d1) = out
+    assert torch.equal(q0, q1)
+    torch.testing.assert_close(e0 ** 2 / d0, e1 ** 2 / d1, rtol=1e-10, atol=1e-14)
 
 
 def test_float32_path_matches_float64():
@@ -327,7 +328,7 @@ def test_prune_exact_matches_full_path_budget():
         Wn, keep, rl = S.prune_exact(W, H, sp, row_scale=scale)
         full = S.obs_path(W, H)
         c = S.budget_counts(full, round(sp * R * d), scale)
-        ref_keep = S._keep_from_counts(full.order, c, d)
+        ref_keep = keep_from_counts(full.order, c, d)
         assert torch.equal(keep, ref_keep)
         torch.testing.assert_close(Wn, S.solve_on_support(W, H, ref_keep))
         dw = Wn - W
@@ -366,9 +367,13 @@ def test_nm_pattern(nm):
     for keep in (S.prune_exact(W, H, 0.3, nm=nm)[1], S.prune_sparsegpt(W, H, 0.3, nm=nm)[1],
                  S.prune_magnitude(W, 0.3, nm=nm)[1]):
         assert int((~keep).sum()) == round(0.3 * R * d)
-    full = S.prune_exact(W, H, None, nm=nm)[1]
-    sizes = [min(m, d - g) for g in range(0, d, m)]
-    assert int((~full).sum()) == R * sum(min(m - n, s) for s in sizes)
+    # the full pattern: every group of m keeps exactly n, a partial last one min(its size, n)
+    sizes = torch.tensor([min(m, d - g) for g in range(0, d, m)])
+    for full in (S.prune_exact(W, H, None, nm=nm)[1], S.prune_exact(W, H, None, nm=nm, block=3)[1],
+                 S.prune_sparsegpt(W, H, None, nm=nm, blocksize=8)[1], S.prune_magnitude(W, None, nm=nm)[1]):
+        pad = torch.zeros(R, (d + m - 1) // m * m, dtype=torch.bool)
+        pad[:, :d] = full
+        assert (pad.view(R, -1, m).sum(2) == sizes.clamp(max=n)).all()
     with pytest.raises(ValueError):
         S.prune_exact(W, H, 0.99, nm=nm)
 
@@ -472,7 +477,7 @@ def test_obq_equals_plain(small_lazy):
     H = spike_H(d, dead=(4,), p=0.4)
     W = torch.randn(R, d, dtype=torch.float64)
     g = fit_grid(W, 3)
-    out = S.quantize_obq(W, H, g, max_memory=8 * 3 * (d * d + 3 * d + 16 * d))
+    out = S.quantize_obq(W, H, g, max_memory=8 * 3 * (d * d + 3 * d + 16 * d), options=small_lazy)
     for r in range(R):
         np.testing.assert_allclose(out[r].numpy(), np_obq(W[r].numpy(), H.numpy(), g.scale[r].item(), g.qmin, g.qmax))
 
@@ -541,10 +546,10 @@ def test_gptq_equals_plain():
     ref = np_gptq(W.numpy(), H.numpy(), g.scale.double().numpy(), g.qmin, g.qmax)
     np.testing.assert_allclose(got.numpy(), ref, atol=1e-9)
     # the factor of H^-1 from the reversed Cholesky
-    _, Lf, dead = S._damped(H, 0.01, flip=True)
+    _, Lf, dead = damped_factor(H, 0.01, flip=True)
     Hd, dead_np = np_damped(H.numpy())
     assert dead.tolist() == dead_np.tolist()
-    np.testing.assert_allclose(S._hinv_upper(Lf).numpy(), np.linalg.cholesky(np.linalg.inv(Hd)).T,
+    np.testing.assert_allclose(hinv_upper(Lf).numpy(), np.linalg.cholesky(np.linalg.inv(Hd)).T,
                                rtol=1e-9, atol=1e-12)
 
 
@@ -572,27 +577,26 @@ def test_sparsegpt_equals_plain_sweep():
     np.testing.assert_allclose(Wn.numpy(), Wp, atol=1e-9)
 
 
-def test_lazy_batch_resizing_equals_plain(monkeypatch):
-    """Real-size lazy batches that grow as the active set shrinks (16 -> 128)."""
+def test_lazy_batch_resizing_equals_plain():
+    """Real-size lazy batches that grow as the active set shrinks (16 -> 128), torch steps."""
     torch.manual_seed(22)
     R, d = 4, 300
-    monkeypatch.setattr(S, "_UCACHE", 8 * R * 300 * 16)
     H = spike_H(d, p=0.1, dead=(0, 10))
     W = torch.randn(R, d, dtype=torch.float64)
-    p = S.obs_path(W, H)
+    p = S.obs_path(W, H, options=S.EngineOptions(ucache=8 * R * 300 * 16, jit=False))
     for r in range(R):
-        o, l, _ = plain_greedy(W[r].numpy(), H.numpy())
+        o, l, _ = reference.greedy_path(W[r].numpy(), H.numpy())
         assert p.order[r].tolist() == o.tolist()
         np.testing.assert_allclose(p.loss[r].numpy(), l, rtol=1e-7, atol=1e-13)
 
 
-def test_workers_leave_the_callers_thread_count(monkeypatch):
-    monkeypatch.setattr(S, "_workers", lambda device: 2)
+def test_workers_leave_the_callers_thread_count():
     n = torch.get_num_threads()
     W = torch.randn(6, 30)
     H = spike_H(30)
-    S.obs_path(W, H)
-    S.quantize_obq(W, H, fit_grid(W, 4))
+    opts = S.EngineOptions(workers=2)
+    S.obs_path(W, H, options=opts)
+    S.quantize_obq(W, H, fit_grid(W, 4), options=opts)
     assert torch.get_num_threads() == n
 
 
@@ -605,17 +609,17 @@ def test_torch_steps_when_numba_is_missing(monkeypatch):
     H = spike_H(16, dead=(2,))
     ref = S.obs_path(W, H)
     monkeypatch.setitem(sys.modules, "numba", None)
-    monkeypatch.delitem(sys.modules, "osbc.jit", raising=False)
-    monkeypatch.delattr(osbc, "jit", raising=False)
-    monkeypatch.setattr(S, "_JIT_MOD", None)
+    monkeypatch.delitem(sys.modules, "osbc.solvers.engine.jit", raising=False)
+    monkeypatch.delattr(osbc.solvers.engine, "jit", raising=False)
+    monkeypatch.setattr(engine_greedy, "_JIT_MOD", None)      # the import cache, not a setting
     got = S.obs_path(W, H)
-    assert S._JIT_MOD is False
+    assert engine_greedy._JIT_MOD is False
     assert torch.equal(got.order, ref.order)
     torch.testing.assert_close(got.loss, ref.loss, rtol=1e-9, atol=1e-14)
 
 
 @pytest.mark.skipif("jit" not in STEPS, reason="numba not installed")
-def test_jit_steps_equal_torch_steps_at_default_batches(monkeypatch):
+def test_jit_steps_equal_torch_steps_at_default_batches():
     """Compiled and torch steps on a few hundred inputs with the default lazy batches (several
     flushes and compactions): the same pruning path and the same OBQ result."""
     torch.manual_seed(9)
@@ -625,8 +629,8 @@ def test_jit_steps_equal_torch_steps_at_default_batches(monkeypatch):
     g = fit_grid(W, 3)
     out = {}
     for jit in (True, False):
-        monkeypatch.setattr(S, "_JIT", jit)
-        out[jit] = S.obs_path(W, H), S.quantize_obq(W, H, g)
+        opts = S.EngineOptions(jit=jit)
+        out[jit] = S.obs_path(W, H, options=opts), S.quantize_obq(W, H, g, options=opts)
     assert torch.equal(out[True][0].order, out[False][0].order)
     torch.testing.assert_close(out[True][0].loss, out[False][0].loss, rtol=1e-9, atol=1e-14)
     torch.testing.assert_close(out[True][1], out[False][1], rtol=1e-9, atol=1e-12)
@@ -641,3 +645,29 @@ def test_weights_that_require_grad():
     torch.testing.assert_close(S.prune_exact(lin.weight, H, 0.5)[0], S.prune_exact(W, H, 0.5)[0])
     g = fit_grid(W, 4)
     torch.testing.assert_close(S.quantize_obq(lin.weight, H, g), S.quantize_obq(W, H, g))
+
+
+@pytest.mark.parametrize("scale", [2.0 ** 70, 2.0 ** 100])
+def test_huge_weights_prune_and_quantize_like_normal_ones(scale):
+    """Weights of 1e20 and more: float32 scores w^2 / [H^-1]_qq would overflow (and the greedy
+    re-pick removed weights); the solvers work at a power-of-two scale, so huge rows take the
+    same path as the unscaled ones and the layer hits its sparsity."""
+    torch.manual_seed(30)
+    R, d = 6, 40
+    H = spike_H(d, dead=(3,))
+    W = torch.randn(R, d)
+    mixed = W.clone()
+    mixed[:3] *= scale                               # some rows huge, some normal
+    for blk in (1, 4):
+        p, ref = S.obs_path(mixed, H, block=blk), S.obs_path(W, H, block=blk)
+        assert torch.equal(p.order, ref.order)
+        torch.testing.assert_close(p.loss[:3], ref.loss[:3] * scale ** 2)
+        Wn, keep, _ = S.prune_exact(W * scale, H, 0.9, block=blk)
+        assert torch.equal(keep, S.prune_exact(W, H, 0.9, block=blk)[1])
+        assert int((~keep).sum()) == round(0.9 * R * d) and torch.isfinite(Wn).all()
+    keep = S.prune_sparsegpt(W * scale, H, 0.9)[1]
+    assert torch.equal(keep, S.prune_sparsegpt(W, H, 0.9)[1])
+    big = W * 2.0 ** 80
+    assert torch.equal(S.quantize_obq(big, H, fit_grid(big, 4)), S.quantize_obq(W, H, fit_grid(W, 4)) * 2.0 ** 80)
+    with pytest.raises(ValueError, match="NaN or Inf"):
+        S.obs_path(torch.full((2, 4), float("inf")), torch.eye(4))

@@ -3,30 +3,39 @@
     import osbc
     res = osbc.prune(model, calib, sparsity=0.97)      # or osbc.quantize(model, calib, bits=4)
     res.model, res.report
+
+Every name is imported on first use, so ``import osbc`` (and the CLI's start-up) does not load torch.
 """
 
-from . import kernels, models, snn
-from .report import LayerReport, Report
+import importlib
 
-_LAZY = {"prune": "compress", "quantize": "compress", "inspect": "compress", "Compressed": "compress",
-         "export_nir": "nir_export", "save_compressed": "checkpoint", "load_compressed": "checkpoint",
-         "size_report": "storage", "train": "training", "evaluate": "training", "TrainResult": "training",
-         "Evaluation": "training", "save": "checkpoint", "load": "checkpoint"}
-_LAZY.update({"freeze_sparsity": "deploy", "unfreeze_sparsity": "deploy", "quantized_codes": "deploy",
-              "QuantizedCodes": "deploy"})
+# public name -> the module that defines it ("" for a submodule of the same name)
+_LAZY = {
+    "prune": "compress", "quantize": "compress", "inspect": "compress", "Compressed": "compress",
+    "PruneConfig": "config", "QuantConfig": "config",
+    "Report": "report", "LayerReport": "report",
+    "train": "training", "evaluate": "training", "TrainResult": "training", "Evaluation": "training",
+    "save": "checkpoint", "load": "checkpoint", "save_compressed": "checkpoint", "load_compressed": "checkpoint",
+    "size_report": "storage", "export_nir": "nir_export",
+    "freeze_sparsity": "deploy", "unfreeze_sparsity": "deploy", "quantized_codes": "deploy",
+    "QuantizedCodes": "deploy",
+    "snn": "", "kernels": "", "models": "", "neurons": "",
+}
 
 
 def __getattr__(name: str):
-    # Heavy modules load on first use, so `import osbc` (and the CLI's --help) stays fast.
-    if name in _LAZY:
-        import importlib
+    if name not in _LAZY:
+        raise AttributeError(f"module 'osbc' has no attribute {name!r}")
+    mod = importlib.import_module(f".{_LAZY[name] or name}", __name__)
+    value = mod if not _LAZY[name] else getattr(mod, name)
+    globals()[name] = value
+    return value
 
-        return getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
-    raise AttributeError(f"module 'osbc' has no attribute {name!r}")
+
+def __dir__():
+    return sorted(set(globals()) | set(_LAZY))
+
 
 __version__ = "0.1.0"
 
-__all__ = ["prune", "quantize", "inspect", "Compressed", "Report", "LayerReport", "train", "evaluate", "save", "load",
-           "export_nir", "save_compressed", "load_compressed", "size_report", "snn", "kernels", "models",
-           "__version__"]
-__all__ += ["freeze_sparsity", "unfreeze_sparsity", "quantized_codes", "QuantizedCodes"]
+__all__ = [*_LAZY, "__version__"]

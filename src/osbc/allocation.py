@@ -15,10 +15,10 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-__all__ = ["ALLOCATIONS", "uniform", "lamp", "global_counts"]
+from .config import ALLOCATIONS
+from .errors import OsbcError
 
-ALLOCATIONS = ("uniform", "lamp", "global")
-
+__all__ = ["ALLOCATIONS", "uniform", "lamp", "layer_energy", "global_counts"]
 
 def uniform(sizes: list[int], sparsity: float) -> list[float]:
     return [sparsity] * len(sizes)
@@ -63,6 +63,13 @@ def lamp(weights: list[Tensor], sparsity: float, power: float = 2.0) -> list[flo
     return [float(m.sum()) / m.numel() for m in masks]
 
 
+def layer_energy(W: Tensor, hessians, row_scale: Tensor | None = None) -> float:
+    """sum_r row_scale[r] w_r^T H_r w_r: the layer's membrane energy, which makes its OBS losses
+    relative. ``hessians``: ``(rows, H)`` groups, H [d, d] shared by the group's rows."""
+    return sum(float(((W[rows].double() @ H.to(W.device)) * W[rows].double()).sum(1)
+                     .mul(1.0 if row_scale is None else row_scale[rows].to(W.device)).sum()) for rows, H in hessians)
+
+
 def global_counts(losses: list[Tensor], energies: list[float], sparsity: float) -> list[Tensor]:
     """Per-row pruning counts for every layer from OBS path losses.
 
@@ -75,5 +82,5 @@ def global_counts(losses: list[Tensor], energies: list[float], sparsity: float) 
     k = round(sparsity * total)
     finite = sum(int(torch.isfinite(L).sum()) for L in losses)
     if k > finite:
-        raise ValueError(f"sparsity {sparsity} needs {k} removals but the layers' paths allow {finite}")
+        raise OsbcError(f"sparsity {sparsity} needs {k} removals but the layers' paths allow {finite}")
     return [m.sum(1).to(torch.int64) for m in _select(rel, k)]

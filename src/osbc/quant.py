@@ -12,12 +12,14 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from .errors import OsbcError
+
 __all__ = ["Grid", "fit_grid"]
 
 
 def _check_bits(bits) -> int:
     if isinstance(bits, bool) or not isinstance(bits, int) or not 2 <= bits <= 8:
-        raise ValueError(f"bits must be an integer in 2..8, got {bits!r}")
+        raise OsbcError(f"bits must be an integer in 2..8, got {bits!r}")
     return bits
 
 
@@ -55,6 +57,12 @@ class Grid:
         s = self._scale(w, rows)
         return torch.round(w / s).clamp_(self.qmin, self.qmax).mul_(s)
 
+    def select(self, rows) -> "Grid":
+        """The grid of rows ``rows`` only (``None``: this grid)."""
+        if rows is None:
+            return self
+        return Grid(self.bits, self.scale[rows.to(self.scale.device)], self.full_range)
+
     def to(self, device) -> "Grid":
         return Grid(self.bits, self.scale.to(device), self.full_range)
 
@@ -75,7 +83,7 @@ def _diag_weights(H, W: Tensor) -> Tensor | None:
     else:
         h = H.reshape(1, -1)
     if h.shape[-1] != d:
-        raise ValueError(f"H does not match W's {d} inputs: {tuple(H.shape)}")
+        raise OsbcError(f"H does not match W's {d} inputs: {tuple(H.shape)}")
     return torch.nan_to_num(h, nan=0.0, posinf=0.0, neginf=0.0).clamp_min(0.0)
 
 
@@ -97,9 +105,9 @@ def fit_grid(W: Tensor, bits: int, *, per: str = "channel", mse: bool = False, p
     """
     _check_bits(bits)
     if per not in ("channel", "layer"):
-        raise ValueError(f"per must be 'channel' or 'layer', got {per!r}")
+        raise OsbcError(f"per must be 'channel' or 'layer', got {per!r}")
     if W.dim() != 2:
-        raise ValueError(f"W must be 2-D [rows, inputs], got shape {tuple(W.shape)}")
+        raise OsbcError(f"W must be 2-D [rows, inputs], got shape {tuple(W.shape)}")
     qmax = 2 ** (bits - 1) - 1
     qmin = -(2 ** (bits - 1)) if full_range else -qmax
     w = torch.nan_to_num(W.detach().to(torch.float64))

@@ -49,7 +49,7 @@ def pinned_threads(n: int | None):
     restores the caller's count. torch splits a CPU matrix product or sum among its threads, and
     the split sets the order of the float additions: a seeded CPU run repeats bit for bit only at
     the same thread count (whatever the machine's load)."""
-    from .solvers import _threads
+    from .solvers.engine.workers import _threads
 
     return _threads(n, "cpu")
 

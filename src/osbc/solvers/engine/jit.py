@@ -1,14 +1,14 @@
 """Compiled CPU kernel of the exact greedy's steps (numba; optional: ``pip install osbc[fast]``).
 
-The greedy (``solvers._greedy``) spends its time in two kinds of work: the batched downdate of
+The greedy (``engine.greedy._greedy``) spends its time in two kinds of work: the batched downdate of
 H^-1 every B steps (large matrix products: torch does these well) and, at every step, a few dozen
 passes over [c, n] vectors. In torch each of those passes is one op with microseconds of dispatch,
 so at n ~ 2000 the step costs more in dispatch than in arithmetic. Here the whole run of steps
 between two flushes is one compiled loop over rows and steps: one call per lazy batch instead of
-~20 ops per step. The math is the torch path's, step for step (see ``solvers._torch_steps``);
+~20 ops per step. The math is the torch path's, step for step (see ``engine.greedy._torch_steps``);
 only the summation order of the pending term differs, at rounding level.
 
-Imported lazily by ``solvers``; without numba the torch path runs instead.
+Imported lazily by ``engine.greedy``; without numba the torch path runs instead.
 """
 from __future__ import annotations
 
