@@ -10,7 +10,6 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
-from .device import resolve_device
 from .errors import OsbcError
 
 __all__ = ["PruneConfig", "QuantConfig", "PRUNE_METHODS", "QUANT_METHODS", "SOLVERS", "QUANT_SOLVERS",
@@ -83,6 +82,8 @@ class CompressConfig:
         if isinstance(self.max_kernel_groups, bool) or not isinstance(self.max_kernel_groups, int) \
                 or self.max_kernel_groups < 1:
             raise OsbcError(f"max_kernel_groups must be an integer >= 1, got {self.max_kernel_groups!r}")
+        from .device import resolve_device  # here, so that the CLI reads the choices without torch
+
         resolve_device(self.device)         # fails now, not after the calibration pass
 
     @property

@@ -11,19 +11,15 @@ import json
 import math
 from typing import Any, Callable
 
+from ..config import ALLOCATIONS, CALIBRATIONS, GRIDS, PRUNE_METHODS, QUANT_METHODS, SOLVERS  # no torch
+
 __all__ = ["DATASETS", "DEFAULT_FRAMES", "PRUNE_METHODS", "QUANT_METHODS", "METHODS", "SOLVERS", "ALLOCATIONS",
            "CALIBRATIONS", "CALIB_SOURCES", "MAX_FRAMES", "MAX_BATCH", "HelpFormatter", "add_options", "add_option"]
 
 DATASETS = ("digits", "nmnist", "dvsgesture", "cifar10dvs")
 #: frames per sample when neither --frames nor the checkpoint says (the paper's T; digits: the demo's)
 DEFAULT_FRAMES = {"digits": 10, "nmnist": 100, "dvsgesture": 20, "cifar10dvs": 10}
-# The same tuples as osbc.compress's; repeated here so that parsing arguments does not import torch.
-PRUNE_METHODS = ("osbc", "obc", "magnitude")
-QUANT_METHODS = ("osbc", "obc", "rtn")
-METHODS = ("osbc", "obc", "magnitude", "rtn")
-SOLVERS = ("auto", "exact", "blocked", "fast")
-ALLOCATIONS = ("uniform", "lamp", "global")
-CALIBRATIONS = ("dense", "sequential")
+METHODS = tuple(dict.fromkeys(PRUNE_METHODS + QUANT_METHODS))
 CALIB_SOURCES = ("train", "test")
 #: size bounds: beyond them a sample batch or a data set no longer fits a workstation's memory
 MAX_FRAMES = 1000

@@ -7,6 +7,7 @@ import time
 
 from ..errors import OsbcError
 from . import common as C
+from ..config import GRIDS
 from .options import DATA_OPTIONS, PRUNE_METHODS, QUANT_METHODS, add_option, add_options, bits, nm, sparsity
 from .outputs import check_out_file, json_text, text_writer, write_all
 
@@ -47,7 +48,7 @@ def add_quantize_arguments(p: argparse.ArgumentParser) -> None:
     add_option(p, "model", help="checkpoint to quantize")
     p.add_argument("-b", "--bits", type=bits, required=True, help="bits per weight (2..8)")
     p.add_argument("--method", choices=QUANT_METHODS, default="osbc", help=_METHOD_HELP["quantize"])
-    p.add_argument("--per", choices=("channel", "layer"), default="channel",
+    p.add_argument("--per", choices=GRIDS, default="channel",
                    help="one scale per output channel or one per layer")
     p.add_argument("--mse", action="store_true", help="search shrunk maxima for each scale (MSE fit)")
     p.add_argument("--pow2", action="store_true", help="power-of-two scales (for hardware)")
