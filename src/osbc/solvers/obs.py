@@ -47,24 +47,15 @@ def obs_path(W: Tensor, H, *, max_steps: int | None = None, block: int = 1, nm=N
     Step: q = argmin w_q^2 / [H^-1]_qq over the eligible weights; w -= w_q / [H^-1]_qq H^-1[:, q];
     H^-1 -= H^-1[:, q] H^-1[q, :] / [H^-1]_qq. ``block=k`` removes the k best per step with the
     group update. ``nm=(n, m)``: at most m - n removed per group of m consecutive inputs (the path
-    ends when every group is full). Dead inputs come first, at loss 0. ``row_scale`` [R]: each
-    row's losses times row_scale[r] (e.g. a BatchNorm gain^2)."""
+    ends when every group is full; a partial last group counts as padded with removed zeros).
+    Dead inputs come first, at loss 0. ``row_scale`` [R]: each row's losses times row_scale[r]
+    (e.g. a BatchNorm gain^2). ``H``: one Hessian or ``(rows, H)`` groups."""
     opts = options or DEFAULT_OPTIONS
-    gs = groups(H)
-    if len(gs) == 1 and gs[0][0] is None:
-        path = _obs_path(W, gs[0][1], max_steps, block, nm, damp, progress, max_memory, opts, stats)
-    else:
-        R = W.shape[0]
-        order = loss = None
-        for rows, Hg in gs:
-            p = _obs_path(W[rows.to(W.device)], Hg.to(W.device), max_steps, block, nm, damp, progress, max_memory,
-                          opts, stats)
-            if order is None:
-                order = torch.zeros(R, p.order.shape[1], dtype=torch.int64, device=p.order.device)
-                loss = torch.full((R, p.loss.shape[1]), float("inf"), dtype=torch.float64, device=p.loss.device)
-            order[rows.to(order.device)] = p.order
-            loss[rows.to(loss.device)] = p.loss.double()
-        path = PrunePath(order, loss)
+
+    def one(Wg, Hg, rows):
+        p = _obs_path(Wg, Hg.to(W.device), max_steps, block, nm, damp, progress, max_memory, opts, stats)
+        return p.order, p.loss
+    path = PrunePath(*per_group(W, groups(H), one))
     if row_scale is not None:
         path = PrunePath(path.order, path.loss * row_scale.to(path.loss.device)[:, None])
     return path
