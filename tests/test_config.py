@@ -6,8 +6,7 @@ import pytest
 import torch
 
 import osbc
-from osbc import compress
-from osbc.config import PRUNE_METHODS, QUANT_SOLVERS, PruneConfig, QuantConfig
+from osbc.config import PRUNE_METHODS, QUANT_SOLVERS, SOLVERS, PruneConfig, QuantConfig
 from osbc.errors import OsbcError
 
 from helpers import MLP, spikes
@@ -53,7 +52,9 @@ def test_nm_is_parsed_and_fixes_the_sparsity():
 def test_configs_are_frozen_and_choices_shared():
     with pytest.raises(dataclasses.FrozenInstanceError):
         PruneConfig().sparsity = 0.5
-    assert compress.PRUNE_METHODS == PRUNE_METHODS and "blocked" not in QUANT_SOLVERS
+    assert "blocked" not in QUANT_SOLVERS
+    from osbc.cli import options   # the CLI offers exactly the config's choices
+    assert (options.PRUNE_METHODS, options.SOLVERS) == (PRUNE_METHODS, SOLVERS)
 
 
 def test_config_equals_flat_keywords(calib):

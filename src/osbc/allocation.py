@@ -15,10 +15,9 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .config import ALLOCATIONS
 from .errors import OsbcError
 
-__all__ = ["ALLOCATIONS", "uniform", "lamp", "layer_energy", "global_counts"]
+__all__ = ["uniform", "lamp", "layer_energy", "global_counts"]
 
 def uniform(sizes: list[int], sparsity: float) -> list[float]:
     return [sparsity] * len(sizes)

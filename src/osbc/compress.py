@@ -23,9 +23,7 @@ from tqdm.auto import tqdm
 
 from . import allocation as _alloc
 from . import solvers
-# the choice tuples stay importable from here (the CLI reads them) until it takes them from config
-from .config import (ALLOCATIONS, CALIBRATIONS, PRUNE_METHODS, QUANT_METHODS, SOLVERS,  # noqa: F401
-                     CompressConfig, PruneConfig, QuantConfig)
+from .config import CompressConfig, PruneConfig, QuantConfig
 from .device import resolve_device
 from .errors import OsbcError
 from .trace import Recorder, Target, batches, find_modules

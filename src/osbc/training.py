@@ -23,36 +23,14 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
 from . import snn
+from .device import pinned_threads, resolve_device  # noqa: F401 - pinned_threads: public here too
 from .errors import OsbcError
 
 __all__ = ["train", "evaluate", "TrainResult", "Evaluation", "batches", "predict", "weight_layers",
-           "resolve_device", "pinned_threads"]
+           "pinned_threads"]
 
 
 # ---- data plumbing ----------------------------------------------------------------------------
-
-def resolve_device(device: str | torch.device | None) -> torch.device:
-    """``None`` -> CUDA when available, else CPU; a CUDA request without CUDA is a ValueError."""
-    if device is None or device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        dev = torch.device(device)
-    except RuntimeError as e:
-        raise ValueError(f"bad device {device!r} ({e})") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device {device!r} requested but CUDA is not available here")
-    return dev
-
-
-def pinned_threads(n: int | None):
-    """A context that runs its block with ``n`` intra-op CPU threads (``None``: as set) and then
-    restores the caller's count. torch splits a CPU matrix product or sum among its threads, and
-    the split sets the order of the float additions: a seeded CPU run repeats bit for bit only at
-    the same thread count (whatever the machine's load)."""
-    from .solvers.engine.workers import _threads
-
-    return _threads(n, "cpu")
-
 
 def batches(data, batch_size: int = 64, shuffle: bool = False, seed: int = 0, drop_last: bool = False,
             num_workers: int = 0) -> Iterable:

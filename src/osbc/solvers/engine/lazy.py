@@ -6,7 +6,7 @@ import math
 import torch
 from torch import Tensor
 
-from .workers import _threads
+from ...device import pinned_threads
 
 _FLOOR = 1e-12       # floor of diag(H^-1) (normalised; the true minimum is ~1/d)
 
@@ -97,7 +97,7 @@ class _Lazy:
         self.flops += self.c * n * (n + min(P, n)) * j
         if moves is not None:    # panel ends, to find each panel's moved columns
             ends = torch.arange(P, n + P, P, device=U.device).clamp_(max=n)
-        with _threads(self.nthreads, U.device):
+        with pinned_threads(self.nthreads, U.device):
             for r in range(self.c):
                 Ur, Hr, full = U[r], Hi[r], self.buf[r]
                 if moves is not None:

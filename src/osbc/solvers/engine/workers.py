@@ -12,6 +12,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
+from ...device import pinned_threads
 from ..options import EngineOptions
 
 
@@ -37,7 +38,7 @@ def _workers(device, opts: EngineOptions) -> int:
 def _step_threads(workers: int, device, opts: EngineOptions):
     """Threads for the greedy's per-step work: ``opts.step_threads`` when one chunk runs at a
     time; each worker already runs on its own share."""
-    return _threads(opts.step_threads if workers == 1 else None, device)
+    return pinned_threads(opts.step_threads if workers == 1 else None, device)
 
 
 def _pooled(pool: queue.SimpleQueue, make):
@@ -76,21 +77,3 @@ def _map(fn, items: list, workers: int) -> list:
     with ThreadPoolExecutor(workers, thread_name_prefix="osbc-solver") as ex:
         return list(ex.map(run, items))
 
-class _threads:
-    """Run a block with ``n`` intra-op threads (CPU only), restoring the caller's count after.
-    The greedy's per-step ops are small (c x n vectors): one thread does them as fast as two on an
-    idle machine and avoids barrier stalls on a busy one; the big products get all threads."""
-
-    def __init__(self, n: int | None, device):
-        self.n = n if (n is not None and torch.device(device).type == "cpu") else None
-
-    def __enter__(self):
-        if self.n is not None:
-            self.prev = torch.get_num_threads()
-            if self.prev != self.n:
-                torch.set_num_threads(self.n)
-        return self
-
-    def __exit__(self, *exc):
-        if self.n is not None and torch.get_num_threads() != self.prev:
-            torch.set_num_threads(self.prev)
