@@ -3,6 +3,7 @@ osbc.load rebuilds with it only when trusted, and the CLI builds such models wit
 --trust-builder. The models are the real libraries' (spikingjelly, snntorch)."""
 
 import json
+import sys
 import textwrap
 
 import pytest
@@ -69,7 +70,7 @@ def nets(tmp_path, monkeypatch):
     (tmp_path / f"{MOD}.py").write_text(NETS)
     (tmp_path / "broken_nets.py").write_text("import a_module_that_is_not_installed\n")
     monkeypatch.syspath_prepend(str(tmp_path))
-    monkeypatch.delitem(__import__("sys").modules, MOD, raising=False)
+    monkeypatch.delitem(sys.modules, MOD, raising=False)
     return tmp_path
 
 
@@ -205,6 +206,7 @@ def inproc(capsys, *argv):
 def digits(tmp_path_factory, monkeypatch):
     from osbc.data import load_dataset
 
+    monkeypatch.setattr(sys, "path", list(sys.path))  # the CLI adds the current folder to it
     cache = tmp_path_factory.getbasetemp() / "builder-cache"
     monkeypatch.setenv("OSBC_CACHE", str(cache))
     root = cache / "digits"
@@ -256,3 +258,16 @@ def test_cli_builder_on_a_plain_state_dict(nets, tmp_path, digits, capsys):
         assert code == 1 and err.count("\n") == 1 and match in err, err
     code, out, err = inproc(capsys, "eval", "--model", plain, "--builder-arg", "hidden=16", *digits)
     assert code == 1 and "--builder-arg needs --builder" in err
+
+
+def test_cli_finds_the_builder_in_the_current_folder(nets, tmp_path, digits, capsys, monkeypatch):
+    real = pruned("sj_mlp", {"hidden": 8})
+    path = save_compressed(real, tmp_path / "w.safetensors")
+    here = tmp_path / "project"
+    here.mkdir()
+    (here / "cwd_nets.py").write_text(NETS)  # importable only from the current folder
+    monkeypatch.chdir(here)
+    spec = ["--builder", "cwd_nets:sj_mlp", "--builder-arg", "hidden=8", "--in-shape", "2,17,17"]
+    code, out, err = inproc(capsys, "info", "--model", path, *spec, "--frames", T)
+    assert code == 0, err
+    assert "model cwd_nets:sj_mlp" in out and "2 compressible modules" in out

@@ -2,8 +2,10 @@
 
 A checkpoint holds the model's state (weights, BatchNorm statistics, neuron time constants) and, in
 the safetensors metadata (strings only), everything needed to rebuild it: the architecture name and
-keyword arguments from :func:`osbc.models.build`, the number of frames and the dataset it was
-trained on, and free-form ``info`` (training accuracy, a compression report, ...). Pruned and
+keyword arguments from :func:`osbc.models.build` (or a user's builder function, see
+:func:`osbc.models.build_with`, run only when the user trusts the file), the number of frames and
+the dataset it was trained on, one input frame's shape when the model does not know it, and
+free-form ``info`` (training accuracy, a compression report, ...). Pruned and
 quantized models are stored compactly (sparse masks, integer codes and scales) through
 :mod:`osbc.storage`, and load back to the same dense tensors. The file format (shared with
 :func:`osbc.checkpoint.save_compressed`) is :mod:`osbc.fileformat`.

@@ -405,7 +405,8 @@ def build_with(spec: str, kwargs: dict | None = None) -> nn.Module:
 
 
 def config_of(model: nn.Module) -> dict | None:
-    """The ``{"arch", "kwargs"}`` a model was built with (None for models not built by :func:`build`)."""
+    """The ``{"arch", "kwargs"}`` a model was built with (``{"builder", "kwargs"}`` from
+    :func:`build_with`; None for models built otherwise)."""
     cfg = getattr(model, "osbc_config", None)
     return copy.deepcopy(cfg) if cfg is not None else None
 
