@@ -12,15 +12,18 @@ Build a model by name with :func:`build`; the name and the keyword arguments are
     model = osbc.models.build("nmnist_mlp", in_shape=(2, 34, 34), hidden=256, classes=10)
 
 Registered names (:func:`available`): ``nmnist_mlp``, ``dvsgesture_net``, ``cifar10dvs_net``
-(``cifar10dvs_net64`` is the 64x64 variant), ``small_conv``. Add your own with :func:`register`.
+(``cifar10dvs_net64`` is the 64x64 variant), ``small_conv``. Add your own with :func:`register`,
+or build a model with your own function, named ``"package.module:function"`` (:func:`build_with`).
 """
 
 from __future__ import annotations
 
 import contextvars
 import copy
+import importlib
 import inspect
 import math
+import re
 from collections import OrderedDict
 from typing import Callable
 
@@ -31,7 +34,7 @@ from . import snn
 from .errors import OsbcError
 
 __all__ = ["SeqToANN", "SeqDropout", "Voting", "SpikingNet", "build", "skeleton", "register", "available",
-           "config_of", "nmnist_mlp", "dvsgesture_net", "cifar10dvs_net", "small_conv", "default_arch",
+           "config_of", "check_builder", "build_with", "nmnist_mlp", "dvsgesture_net", "cifar10dvs_net", "small_conv", "default_arch",
            "MAX_PARAMETERS"]
 
 # The largest model build() makes: 2^28 parameters and buffers (1 GiB as float32), 60x the paper's
@@ -329,6 +332,8 @@ def _make(name: str, fn, kwargs: dict, meta: bool) -> nn.Module:
         raise OsbcError(f"cannot build model {name!r}: {e}") from None
     finally:
         _LAYER_DEVICE.reset(token)
+    if not isinstance(model, nn.Module):
+        raise OsbcError(f"model {name!r}: its builder returned a {type(model).__name__}, not a torch.nn.Module")
     n = sum(t.numel() for t in model.state_dict().values())
     if n > MAX_PARAMETERS:
         args = ", ".join(f"{k}={v!r}" for k, v in kwargs.items())
@@ -361,8 +366,47 @@ def build(name: str, **kwargs) -> nn.Module:
     return model
 
 
+# ---- a user's builder: "package.module:function" ------------------------------------------------
+
+_IDENT = r"[A-Za-z_][A-Za-z0-9_]*"
+_BUILDER = re.compile(rf"{_IDENT}(\.{_IDENT})*:{_IDENT}(\.{_IDENT})*")
+
+
+def check_builder(spec) -> str:
+    """``spec`` is a builder name ``"package.module:function"`` (Python identifiers); nothing is imported."""
+    if not isinstance(spec, str) or len(spec) > 200 or not _BUILDER.fullmatch(spec):
+        raise OsbcError(f"builder {spec!r} is not of the form package.module:function (Python identifiers)")
+    return spec
+
+
+def _one_line(e: BaseException) -> str:
+    return " ".join(f"{type(e).__name__}: {e}".split())
+
+
+def build_with(spec: str, kwargs: dict | None = None) -> nn.Module:
+    """Import ``spec`` (``"package.module:function"``) and call it with ``kwargs`` (JSON values);
+    the model records both as ``model.osbc_config = {"builder": spec, "kwargs": {...}}``, so
+    :func:`osbc.save` can name them. This runs the user's code: call it only on the user's say."""
+    check_builder(spec)
+    kwargs = dict(kwargs or {})
+    recorded = _jsonable(kwargs)
+    module, name = spec.split(":")
+    try:
+        fn = importlib.import_module(module)
+    except Exception as e:  # noqa: BLE001 - any failure of the user's module, reported in one line
+        raise OsbcError(f"builder {spec}: cannot import {module} ({_one_line(e)})") from None
+    for part in name.split("."):
+        fn = getattr(fn, part, None)
+    if not callable(fn):
+        raise OsbcError(f"builder {spec}: module {module} has no function {name}")
+    model = _make(spec, fn, kwargs, meta=False)
+    model.osbc_config = {"builder": spec, "kwargs": recorded}
+    return model
+
+
 def config_of(model: nn.Module) -> dict | None:
-    """The ``{"arch", "kwargs"}`` a model was built with (None for models not built by :func:`build`)."""
+    """The ``{"arch", "kwargs"}`` a model was built with (``{"builder", "kwargs"}`` from
+    :func:`build_with`; None for models built otherwise)."""
     cfg = getattr(model, "osbc_config", None)
     return copy.deepcopy(cfg) if cfg is not None else None
 

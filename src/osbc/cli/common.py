@@ -8,6 +8,7 @@ that importing the command line stays cheap.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from dataclasses import dataclass
 from typing import Any
@@ -15,7 +16,7 @@ from typing import Any
 from ..errors import OsbcError
 from .options import DATASETS, DEFAULT_FRAMES
 
-__all__ = ["say", "progress", "device", "seed_all", "load_model", "check_arch", "build_model", "DataSpec", "data_spec",
+__all__ = ["say", "progress", "device", "seed_all", "load_model", "in_shape", "need_in_shape", "check_arch", "build_model", "DataSpec", "data_spec",
            "dataset", "splits", "check_shape", "table", "mean_err", "fmt_err", "out_of_memory"]
 
 
@@ -48,16 +49,49 @@ def seed_all(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def load_model(path: str, dev):
-    """The checkpoint at ``path`` (a user's file: whatever is wrong with it is a user error)."""
-    from ..checkpoint import load
+def load_model(path: str, dev, args: argparse.Namespace | None = None):
+    """The checkpoint at ``path`` (a user's file: whatever is wrong with it is a user error), built
+    with --builder/--builder-arg or, with --trust-builder, the builder the file names; --in-shape
+    gives the input frame shape when the file records none."""
+    from ..checkpoint import check_in_shape, load
 
+    builder = getattr(args, "builder", None)
+    builder_args = dict(getattr(args, "builder_arg", None) or [])
+    trust = getattr(args, "trust_builder", False)
+    if builder_args and builder is None:
+        raise OsbcError("--builder-arg needs --builder MODULE:FUNCTION")
+    if (builder or trust) and os.getcwd() not in sys.path:
+        sys.path.insert(0, os.getcwd())  # the user's module, as `python -m` would find it
     try:
-        return load(path, device=dev)
+        model = load(path, device=dev, builder=builder, builder_kwargs=builder_args or None, trust_builder=trust)
     except OsbcError:
         raise
     except ValueError as e:  # checkpoint.load reports unreadable or damaged files as ValueError
         raise OsbcError(str(e)) from e
+    given = getattr(args, "in_shape", None)
+    if given is not None:
+        given, have = check_in_shape(given, "--in-shape"), in_shape(model)
+        if have is not None and list(have) != given:
+            raise OsbcError(f"--in-shape {','.join(map(str, given))} differs from the {tuple(have)} of {path}; "
+                            "leave --in-shape out")
+        model.osbc_config["in_shape"] = given
+    return model
+
+
+def in_shape(model) -> tuple[int, ...] | None:
+    """One input frame's shape: the model's (osbc's architectures), else the one its file or
+    --in-shape gave (None when unknown)."""
+    shape = getattr(model, "in_shape", None) or (getattr(model, "osbc_config", None) or {}).get("in_shape")
+    return tuple(shape) if shape is not None else None
+
+
+def need_in_shape(model) -> tuple[int, ...]:
+    """:func:`in_shape`, which a command needs to build a sample input."""
+    shape = in_shape(model)
+    if shape is None:
+        raise OsbcError("the model's input frame shape is unknown: pass --in-shape (e.g. 2,34,34), or save it "
+                        "with osbc.save(..., in_shape=...)")
+    return shape
 
 
 def check_arch(arch: str) -> None:
@@ -149,7 +183,7 @@ def splits(args: argparse.Namespace, spec: DataSpec, need_eval: bool = True):
 
 def check_shape(model, ds, spec: DataSpec, fix: str = "check --data and its options") -> None:
     """The model's recorded input shape matches the data's frames; ``fix`` says what to change."""
-    want = getattr(model, "in_shape", None)
+    want = in_shape(model)
     if want is None:
         return
     x0, _ = ds[0]

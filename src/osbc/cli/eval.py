@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 
 from . import common as C
-from .options import DATA_OPTIONS, add_option, add_options, pos_int
+from .options import DATA_OPTIONS, add_builder_options, add_option, add_options, pos_int
 from .outputs import check_out_file, json_text, text_writer, write_all
 
 NAME = "eval"
@@ -23,12 +23,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     add_option(p, "json")
     add_option(p, "force", help="overwrite --json")
     add_options(p, *DATA, group="data and run options")
+    add_builder_options(p)
 
 
 def run(args: argparse.Namespace) -> int:
     out = check_out_file(args.json, args.force, "JSON output")
     dev = C.device(args)
-    model = C.load_model(args.model, dev)
+    model = C.load_model(args.model, dev, args)
     spec = C.data_spec(args, model.osbc_config)
     ds = C.dataset(args, spec, args.split == "train")
     C.check_shape(model, ds, spec)

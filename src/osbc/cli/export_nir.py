@@ -8,7 +8,7 @@ from pathlib import Path
 
 from ..errors import OsbcError
 from . import common as C
-from .options import MAX_FRAMES, add_option, int_in, pos_float
+from .options import MAX_FRAMES, add_builder_options, add_option, int_in, pos_float
 from .outputs import check_out_file, write_all
 
 NAME = "export-nir"
@@ -25,6 +25,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     add_option(p, "frames", type=int_in(1, MAX_FRAMES), default=4,
                help="time steps of the zero sample used to read the layer order")
     p.add_argument("-f", "--force", action="store_true", help="overwrite the output file")
+    add_builder_options(p)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -42,11 +43,8 @@ def run(args: argparse.Namespace) -> int:
 
     from ..nir_export import export_nir
 
-    model = C.load_model(model_path, "cpu")
-    in_shape = getattr(model, "in_shape", None)
-    if in_shape is None:
-        raise OsbcError("the model does not record its input shape; build it with osbc.models.build")
-    sample = torch.zeros(args.frames, 1, *in_shape)
+    model = C.load_model(model_path, "cpu", args)
+    sample = torch.zeros(args.frames, 1, *C.need_in_shape(model))
     graph = {}
 
     def write(tmp):

@@ -8,7 +8,7 @@ import json
 
 from ..errors import OsbcError
 from . import common as C
-from .options import DEFAULT_FRAMES, add_option
+from .options import DEFAULT_FRAMES, add_builder_options, add_option
 from .outputs import check_out_file, json_text, text_writer, write_all
 
 NAME = "info"
@@ -24,12 +24,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                                  "else the data set's usual T)")
     add_option(p, "json", help="also write the module list as JSON")
     add_option(p, "force", help="overwrite --json")
+    add_builder_options(p)
 
 
 def run(args: argparse.Namespace) -> int:
     out = check_out_file(args.json, args.force, "JSON output")
     if args.model:
-        model = C.load_model(args.model, "cpu")
+        model = C.load_model(args.model, "cpu", args)
         cfg = model.osbc_config
     else:
         from .. import models
@@ -37,9 +38,7 @@ def run(args: argparse.Namespace) -> int:
         model = C.build_model(args.arch, dict(args.arch_arg))
         cfg = dict(models.config_of(model))
     frames = args.frames or cfg.get("frames") or DEFAULT_FRAMES.get(cfg.get("data") or "digits", 10)
-    in_shape = getattr(model, "in_shape", None)
-    if in_shape is None:
-        raise OsbcError("the model does not record its input shape; build it with osbc.models.build")
+    in_shape = C.need_in_shape(model)
     import torch
 
     from .. import trace
@@ -60,7 +59,7 @@ def run(args: argparse.Namespace) -> int:
                      f"{4 * w.numel() / 1024:.1f} KB", "yes" if t.bn is not None else "-",
                      t.neuron_name or "-", rec["kernel"]])
     dense, stored = model_size(model)
-    print(f"model {cfg.get('arch')} {json.dumps(cfg.get('kwargs', {}))}")
+    print(f"model {cfg.get('arch') or cfg.get('builder')} {json.dumps(cfg.get('kwargs', {}))}")
     if cfg.get("data"):
         print(f"trained on {cfg['data']} with T={cfg.get('frames')}")
     print(C.table(["module", "type", "shape", "weights", "sparsity", "float32", "BN", "neuron", "membrane kernel"],
@@ -68,7 +67,9 @@ def run(args: argparse.Namespace) -> int:
     print(f"{len(targets)} compressible modules, {total_w:,} weights; model {dense:,} bytes dense, "
           f"{stored:,} bytes as stored")
     if out is not None:
-        write_all([(out, text_writer(json_text({"arch": cfg.get("arch"), "kwargs": cfg.get("kwargs"),
+        write_all([(out, text_writer(json_text({"arch": cfg.get("arch"),
+                                                **({"builder": cfg["builder"]} if cfg.get("builder") else {}),
+                                                "kwargs": cfg.get("kwargs"),
                                                 "frames": frames, "modules": recs, "bytes_dense": dense,
                                                 "bytes_stored": stored})))])
     return 0

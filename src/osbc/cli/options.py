@@ -14,7 +14,7 @@ from typing import Any, Callable
 from ..config import ALLOCATIONS, CALIBRATIONS, GRIDS, PRUNE_METHODS, QUANT_METHODS, SOLVERS  # no torch
 
 __all__ = ["DATASETS", "DEFAULT_FRAMES", "PRUNE_METHODS", "QUANT_METHODS", "METHODS", "SOLVERS", "ALLOCATIONS",
-           "CALIBRATIONS", "CALIB_SOURCES", "MAX_FRAMES", "MAX_BATCH", "HelpFormatter", "add_options", "add_option"]
+           "CALIBRATIONS", "CALIB_SOURCES", "BUILDER_OPTIONS", "MAX_FRAMES", "MAX_BATCH", "HelpFormatter", "add_options", "add_option", "add_builder_options"]
 
 DATASETS = ("digits", "nmnist", "dvsgesture", "cifar10dvs")
 #: frames per sample when neither --frames nor the checkpoint says (the paper's T; digits: the demo's)
@@ -152,6 +152,20 @@ OPTIONS: dict[str, tuple[tuple[str, ...], dict[str, Any]]] = {
     "json": (("--json",), dict(default=None, metavar="JSON", help="also write the results as JSON")),
     "force": (("--force",), dict(action="store_true", help="overwrite existing outputs")),
     "no_eval": (("--no-eval",), dict(action="store_true", help="skip evaluating dense and compressed models")),
+    "builder": (("--builder",), dict(default=None, metavar="MODULE:FUNCTION",
+                                     help="build the model by importing and calling this function (e.g. "
+                                          "mynets:make_net, found from the current folder or PYTHONPATH) and "
+                                          "load the file's tensors into it: an osbc checkpoint, compact file or "
+                                          "plain safetensors state dict")),
+    "builder_arg": (("--builder-arg",), dict(action="append", type=keyval, default=[], metavar="KEY=VALUE",
+                                             help="keyword argument of --builder, e.g. hidden=256 (repeatable; "
+                                                  "default: the file's, when it names the same builder)")),
+    "trust_builder": (("--trust-builder",), dict(action="store_true",
+                                                 help="rebuild a checkpoint saved with a builder by importing and "
+                                                      "calling the function it names (runs that code: only for "
+                                                      "files you trust)")),
+    "in_shape": (("--in-shape",), dict(type=listof(pos_int), default=None, metavar="C,H,W",
+                                       help="shape of one input frame, for a model whose file does not record it")),
     "arch_arg": (("--arch-arg",), dict(action="append", type=keyval, default=[], metavar="KEY=VALUE",
                                        help="architecture argument, e.g. hidden=512 or tau=2.0 (repeatable)")),
     # compression
@@ -182,6 +196,8 @@ OPTIONS: dict[str, tuple[tuple[str, ...], dict[str, Any]]] = {
                                      help="leave modules matching alone (repeatable)")),
 }
 
+#: how a command builds the model of a file that names no registered architecture
+BUILDER_OPTIONS = ("builder", "builder_arg", "trust_builder", "in_shape")
 #: the data options, in --help order
 DATA_OPTIONS = ("data", "root", "frames", "downsample", "calib_samples", "device", "seed", "batch_size", "quiet")
 
@@ -198,6 +214,11 @@ def add_options(p: argparse.ArgumentParser, *names: str, group: str | None = Non
     target = p.add_argument_group(group) if group else p
     for name in names:
         add_option(target, name)
+
+
+def add_builder_options(p: argparse.ArgumentParser) -> None:
+    """The options that build the model of a file naming no registered architecture, in their section."""
+    add_options(p, *BUILDER_OPTIONS, group="model building (a file without a registered architecture)")
 
 
 def _shown(default: Any) -> str:

@@ -8,7 +8,8 @@ import time
 from ..errors import OsbcError
 from . import common as C
 from ..config import GRIDS
-from .options import DATA_OPTIONS, PRUNE_METHODS, QUANT_METHODS, add_option, add_options, bits, nm, sparsity
+from .options import (DATA_OPTIONS, PRUNE_METHODS, QUANT_METHODS, add_builder_options, add_option, add_options, bits,
+                      nm, sparsity)
 from .outputs import check_out_file, json_text, text_writer, write_all
 
 COMMANDS = {
@@ -30,6 +31,7 @@ def _add_shared(p: argparse.ArgumentParser, task: str) -> None:
     add_option(p, "out", help=f"{'pruned' if task == 'prune' else 'quantized'} checkpoint to write")
     add_options(p, "report", "no_eval", "force")
     add_options(p, *DATA_OPTIONS, group="data and run options")
+    add_builder_options(p)
 
 
 def add_prune_arguments(p: argparse.ArgumentParser) -> None:
@@ -63,7 +65,7 @@ def run(args: argparse.Namespace, task: str) -> int:
     if report_path is not None and report_path.resolve() == out.resolve():
         raise OsbcError("--report and --out name the same file; give the report another name")
     dev = C.device(args)
-    model = C.load_model(args.model, dev)
+    model = C.load_model(args.model, dev, args)
     spec = C.data_spec(args, model.osbc_config)
     sp = C.splits(args, spec, need_eval=not args.no_eval)
     C.check_shape(model, sp.calibration_source, spec)

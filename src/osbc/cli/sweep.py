@@ -11,7 +11,7 @@ from pathlib import Path
 
 from ..errors import OsbcError
 from . import common as C
-from .options import DATA_OPTIONS, PRUNE_METHODS, QUANT_METHODS, add_option, add_options, int_in
+from .options import DATA_OPTIONS, PRUNE_METHODS, QUANT_METHODS, add_builder_options, add_option, add_options, int_in
 from .outputs import Writer, check_out_dir, json_text, text_writer, write_all
 
 NAME = "sweep"
@@ -27,6 +27,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     add_option(p, "out_dir", default="osbc-sweep")
     add_option(p, "force", help="write into an existing non-empty --out")
     add_options(p, *DATA_OPTIONS, group="data and run options")
+    add_builder_options(p)
 
 
 # ---- the grid ---------------------------------------------------------------------------------
@@ -111,7 +112,7 @@ def run(args: argparse.Namespace) -> int:
         raise OsbcError("--allocation global ranks OBS losses and cannot drive magnitude pruning; "
                         "use lamp or uniform, or leave magnitude out of --methods")
     dev = C.device(args)
-    model = C.load_model(args.model, dev)
+    model = C.load_model(args.model, dev, args)
     spec = C.data_spec(args, model.osbc_config)
     sp = C.splits(args, spec)
     C.check_shape(model, sp.calibration_source, spec)
