@@ -66,8 +66,9 @@ def always_restricted(monkeypatch):
     monkeypatch.setattr(support, "_EXACT_SHARE", float("inf"))
 
 
+@pytest.mark.parametrize("cands", ["forward", "sparsegpt"])
 @pytest.mark.parametrize("seed", range(4))
-def test_brute_force_tiny_rows(seed, always_restricted):
+def test_brute_force_tiny_rows(seed, cands, always_restricted):
     """One row, d <= 10: the restricted greedy's loss is at least the optimum over all supports,
     and with a candidate set twice the kept one it is within a small factor of it and of the
     exact greedy."""
@@ -79,7 +80,7 @@ def test_brute_force_tiny_rows(seed, always_restricted):
         keep_n = d - round(sp * d)
         opt = min(best_loss(W[0].numpy(), Hd, np.isin(np.arange(d), c))
                   for c in itertools.combinations(range(d), keep_n))
-        W1, keep, _ = prune_restricted(W, H, sp, widen=2)
+        W1, keep, _ = prune_restricted(W, H, sp, widen=2, candidates=cands)
         W0, _, _ = S.prune_exact(W, H, sp)
         mine, exact = damped_loss(W, W1, H), damped_loss(W, W0, H)
         assert mine >= opt * (1 - 1e-9)
@@ -89,29 +90,49 @@ def test_brute_force_tiny_rows(seed, always_restricted):
         assert mine == pytest.approx(best_loss(W[0].numpy(), Hd, keep[0].numpy()), rel=1e-6)
 
 
+def test_forward_selection_is_plain_greedy_regression(always_restricted):
+    """widen=1 is forward selection: each step adds the input whose addition lowers the loss most,
+    each loss from a plain solve on the grown support."""
+    d = 12
+    H = spike_H(d, 21, dead=0.25)
+    W = weights(1, d, 21, torch.float64)
+    Hd = np_damped(H.numpy())
+    dead = np.diag(H.numpy()) <= 0
+    w = W[0].numpy()
+    chosen = np.zeros(d, bool)
+    for n_keep in range(1, 6):
+        cand = [j for j in range(d) if not chosen[j] and not dead[j]]
+        j = min(cand, key=lambda j: best_loss(w, Hd, chosen | (np.arange(d) == j)))
+        chosen[j] = True
+        _, keep, _ = prune_restricted(W, H, 1 - n_keep / d, widen=1)
+        assert keep[0].numpy().tolist() == chosen.tolist()
+
+
+@pytest.mark.parametrize("cands", ["forward", "sparsegpt"])
 @pytest.mark.parametrize("dead", [0.0, 0.3])
-def test_whole_candidate_set_is_the_exact_greedy(dead, always_restricted):
+def test_whole_candidate_set_is_the_exact_greedy(dead, cands, always_restricted):
     """With C = every live input the restricted path is the exact greedy's path."""
     R, d = 6, 24
     H = spike_H(d, 3, dead=dead)
     W = weights(R, d, 3, torch.float64)
     for sp in (0.6, 0.85):
-        W1, keep, loss = prune_restricted(W, H, sp, widen=100)
+        W1, keep, loss = prune_restricted(W, H, sp, widen=100, candidates=cands)
         W0, keep0, loss0 = S.prune_exact(W, H, sp)
         assert torch.equal(keep, keep0)
         torch.testing.assert_close(W1, W0, rtol=1e-9, atol=1e-12)
         torch.testing.assert_close(loss, loss0, rtol=1e-7, atol=1e-12)
 
 
+@pytest.mark.parametrize("cands", ["forward", "sparsegpt"])
 @pytest.mark.parametrize("kind", ["random", "spike"])
-def test_not_worse_than_the_sweep_and_close_to_exact(kind):
+def test_not_worse_than_the_sweep_and_close_to_exact(kind, cands):
     R, d = 32, 200
     H = random_H(d, 5) if kind == "random" else spike_H(d, 5)
     W = weights(R, d, 5)
     for sp in (0.9, 0.95, 0.97):
         e_fast = damped_loss(W, S.prune_sparsegpt(W, H, sp)[0], H)
         e_exact = damped_loss(W, S.prune_exact(W, H, sp)[0], H)
-        W1, keep, _ = prune_restricted(W, H, sp)
+        W1, keep, _ = prune_restricted(W, H, sp, candidates=cands, widen=1.5 if cands == "forward" else 3)
         e = damped_loss(W, W1, H)
         assert e <= e_fast * (1 + 1e-6)
         assert e <= 1.05 * e_exact
@@ -147,6 +168,8 @@ def test_row_scale():
     assert int(keep2[:4].sum()) > int(keep0[:4].sum())
     with pytest.raises(OsbcError):
         prune_restricted(W, H, 0.95, row_scale=torch.ones(R + 1))
+    with pytest.raises(OsbcError):
+        prune_restricted(W, H, 0.95, candidates="magnitude")
 
 
 def test_nm_pattern():
