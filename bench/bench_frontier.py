@@ -1,4 +1,5 @@
-"""Accuracy-vs-time frontier of the pruning solvers: exact greedy, SparseGPT sweep, restricted greedy.
+"""Accuracy-vs-time frontier of the pruning solvers: exact greedy, SparseGPT sweep, restricted greedy
+(osbc.support.prune_restricted: "forward1.5" = forward-selection candidates, |C| = 1.5 x kept).
 
 For each shape and sparsity: the relative membrane error sum_r dw_r^T H dw_r / sum_r w_r^T H w_r
 of each solver, its ratio to the exact greedy's, seconds and peak memory above the start (CPU:
@@ -106,13 +107,16 @@ def membrane_error(W, W1, H) -> float:
     return float(((dw @ Hh) * dw).sum() / ((w @ Hh) * w).sum())
 
 
-def solvers(widens):
+def solvers(variants):
+    """exact, fast, and prune_restricted per "candidates:widen" variant."""
     from osbc import solvers as S
     from osbc.support import prune_restricted
     out = {"exact": lambda W, H, s: S.prune_exact(W, H, s)[0],
            "fast": lambda W, H, s: S.prune_sparsegpt(W, H, s)[0]}
-    for wd in widens:
-        out[f"restricted{wd:g}"] = lambda W, H, s, wd=wd: prune_restricted(W, H, s, widen=wd)[0]
+    for v in variants:
+        cands, wd = v.split(":")
+        out[f"{cands}{float(wd):g}"] = lambda W, H, s, c=cands, wd=float(wd): \
+            prune_restricted(W, H, s, widen=wd, candidates=c)[0]
     return out
 
 
@@ -135,7 +139,7 @@ def run_layer(name: str, W, H, args, device) -> list[dict]:
     sub = sub if 0 < sub < R else 0
     Ws = W[torch.randperm(R, generator=torch.Generator().manual_seed(0))[:sub].sort().values.to(device)] if sub else W
     rows = []
-    fns = solvers(args.widen)
+    fns = solvers(args.variants)
     for sp in args.sparsities:
         We, te, me = timed(lambda: fns["exact"](Ws, H, sp), device)
         e_exact = membrane_error(Ws, We, H)
@@ -179,12 +183,23 @@ def plot(rows, path: str):
     fig.savefig(path, dpi=120)
 
 
+def save(rows, args, device):
+    """The JSON so far (rewritten after each layer: a long run leaves its finished layers)."""
+    import torch
+    load = os.getloadavg()
+    meta = dict(device=str(device), threads=torch.get_num_threads(), cpus=os.cpu_count(), loadavg=load,
+                command=" ".join(sys.argv))
+    with open(args.json, "w") as f:
+        json.dump(dict(meta=meta, rows=rows), f, indent=1)
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--shapes", default=",".join(SHAPES), help="RxD list ('' for none)")
     ap.add_argument("--real", action="store_true", help="add the trained digits MLP's first layer (256x2312)")
     ap.add_argument("--sparsities", default="0.9,0.95,0.97,0.99")
-    ap.add_argument("--widen", default="2,3", help="candidate-set widths of the restricted greedy")
+    ap.add_argument("--variants", default="forward:1,forward:1.5,forward:2,sparsegpt:3",
+                    help="restricted greedy variants, candidates:widen (widen = |C| / kept)")
     ap.add_argument("--exact-rows", type=int, default=None,
                     help="rows for the exact greedy (default: 16 when d > 2500, else all)")
     ap.add_argument("--device", default="cpu")
@@ -196,7 +211,7 @@ def main(argv=None):
     ap.add_argument("--png", default="bench_frontier.png")
     args = ap.parse_args(argv)
     args.sparsities = [float(s) for s in args.sparsities.split(",")]
-    args.widen = [float(s) for s in args.widen.split(",") if s]
+    args.variants = [v for v in args.variants.split(",") if v]
     import torch
     from osbc import solvers as S
     from osbc.device import resolve_device
@@ -209,16 +224,15 @@ def main(argv=None):
     if args.real:
         W, H = digits_layer(args.cache, args.epochs)
         rows += run_layer("digits", W, H, args, device)
+        save(rows, args, device)
     for shape in [s for s in args.shapes.split(",") if s]:
         R, d = map(int, shape.split("x"))
         W = torch.randn(R, d, generator=torch.Generator().manual_seed(1)) * 0.05
         rows += run_layer(shape, W, spike_hessian(d).float(), args, device)
-    load = os.getloadavg()
-    meta = dict(device=str(device), threads=torch.get_num_threads(), cpus=os.cpu_count(), loadavg=load,
-                command=" ".join(sys.argv))
-    with open(args.json, "w") as f:
-        json.dump(dict(meta=meta, rows=rows), f, indent=1)
+        save(rows, args, device)
+    save(rows, args, device)
     plot(rows, args.png)
+    load = os.getloadavg()
     print(f"wrote {args.json}, {args.png}; load average {load[0]:.1f} {load[1]:.1f} {load[2]:.1f}")
 
 
