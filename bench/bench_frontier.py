@@ -14,6 +14,7 @@ of the whole layer (exact: extrapolated linearly from the subset, marked "~").
 
   python bench/bench_frontier.py                               # all shapes, 90/95/97/99%
   python bench/bench_frontier.py --shapes 256x2312 --real --sparsities 0.97 --json f.json --png f.png
+  python bench/bench_frontier.py --variants forward:1,forward:1.5 --threads 1
   python bench/bench_frontier.py --device cuda                 # time on a GPU
 """
 from __future__ import annotations
