@@ -1,0 +1,232 @@
+"""The restricted greedy (osbc.support) against brute force, the exact greedy and the SparseGPT sweep."""
+
+import itertools
+
+import numpy as np
+import pytest
+import torch
+
+from osbc import solvers as S
+from osbc import support
+from osbc.errors import OsbcError
+from osbc.support import prune_restricted
+
+
+def np_damped(H, damp=0.01):
+    """The documented damping: dead inputs decoupled with unit diagonal, + damp * mean live diagonal."""
+    H = 0.5 * (np.array(H, dtype=np.float64) + np.array(H, dtype=np.float64).T)
+    dead = np.diag(H) <= 0
+    H[dead, :] = 0
+    H[:, dead] = 0
+    H[dead, dead] = 1.0
+    return H + damp * np.diag(H)[~dead].mean() * np.eye(len(H))
+
+
+def best_loss(w, Hd, keep):
+    """min over v supported on ``keep`` of 1/2 (w - v)^T Hd (w - v), by a plain solve."""
+    g = Hd @ w
+    S_ = np.flatnonzero(keep)
+    vs = np.linalg.solve(Hd[np.ix_(S_, S_)], g[S_]) if len(S_) else np.zeros(0)
+    return 0.5 * (w @ g - g[S_] @ vs)
+
+
+def damped_loss(W, W1, H):
+    Hd = np_damped(H.numpy())
+    dw = (W1 - W).double().numpy()
+    return 0.5 * np.einsum("ri,ij,rj->", dw, Hd, dw)
+
+
+def spike_H(d, seed, n=64, T=12, dead=0.2):
+    """2/N sum (K X)^T (K X) for sparse random spike trains X, K a LIF membrane filter (tau = 2)."""
+    g = torch.Generator().manual_seed(seed)
+    rate = (torch.exp(torch.randn(d, generator=g)) * 0.08).clamp(max=0.9)
+    rate[torch.rand(d, generator=g) < dead] = 0
+    X = (torch.rand(n, T, d, generator=g) < rate).double()
+    u, Y = torch.zeros(n, d, dtype=torch.float64), []
+    for t in range(T):
+        u = 0.5 * u + 0.5 * X[:, t]
+        Y.append(u)
+    Y = torch.stack(Y, 1).reshape(-1, d)
+    return 2.0 / n * Y.T @ Y
+
+
+def random_H(d, seed):
+    g = torch.Generator().manual_seed(seed)
+    A = torch.randn(2 * d, d, generator=g, dtype=torch.float64)
+    return A.T @ A / d
+
+
+def weights(R, d, seed, dtype=torch.float32):
+    return torch.randn(R, d, generator=torch.Generator().manual_seed(seed), dtype=dtype)
+
+
+@pytest.fixture
+def always_restricted(monkeypatch):
+    """Never hand over to the exact greedy, however large the candidate set (tiny layers)."""
+    monkeypatch.setattr(support, "_EXACT_SHARE", float("inf"))
+
+
+@pytest.mark.parametrize("cands", ["forward", "sparsegpt"])
+@pytest.mark.parametrize("seed", range(4))
+def test_brute_force_tiny_rows(seed, cands, always_restricted):
+    """One row, d <= 10: the restricted greedy's loss is at least the optimum over all supports,
+    and with a candidate set twice the kept one it is within a small factor of it and of the
+    exact greedy."""
+    d, R = 10, 1
+    H = spike_H(d, seed, dead=0.0) if seed % 2 else random_H(d, seed)
+    W = weights(R, d, seed, torch.float64)
+    Hd = np_damped(H.numpy())
+    for sp in (0.5, 0.7, 0.8):
+        keep_n = d - round(sp * d)
+        opt = min(best_loss(W[0].numpy(), Hd, np.isin(np.arange(d), c))
+                  for c in itertools.combinations(range(d), keep_n))
+        W1, keep, _ = prune_restricted(W, H, sp, widen=2, candidates=cands)
+        W0, _, _ = S.prune_exact(W, H, sp)
+        mine, exact = damped_loss(W, W1, H), damped_loss(W, W0, H)
+        assert mine >= opt * (1 - 1e-9)
+        assert int(keep.sum()) == keep_n
+        assert mine <= 1.5 * max(opt, exact) + 1e-12
+        # the kept weights are the optimum on the chosen support
+        assert mine == pytest.approx(best_loss(W[0].numpy(), Hd, keep[0].numpy()), rel=1e-6)
+
+
+def test_forward_selection_is_plain_greedy_regression(always_restricted):
+    """widen=1 is forward selection: each step adds the input whose addition lowers the loss most,
+    each loss from a plain solve on the grown support."""
+    d = 12
+    H = spike_H(d, 21, dead=0.25)
+    W = weights(1, d, 21, torch.float64)
+    Hd = np_damped(H.numpy())
+    dead = np.diag(H.numpy()) <= 0
+    w = W[0].numpy()
+    chosen = np.zeros(d, bool)
+    for n_keep in range(1, 6):
+        cand = [j for j in range(d) if not chosen[j] and not dead[j]]
+        j = min(cand, key=lambda j: best_loss(w, Hd, chosen | (np.arange(d) == j)))
+        chosen[j] = True
+        _, keep, _ = prune_restricted(W, H, 1 - n_keep / d, widen=1)
+        assert keep[0].numpy().tolist() == chosen.tolist()
+
+
+@pytest.mark.parametrize("cands", ["forward", "sparsegpt"])
+@pytest.mark.parametrize("dead", [0.0, 0.3])
+def test_whole_candidate_set_is_the_exact_greedy(dead, cands, always_restricted):
+    """With C = every live input the restricted path is the exact greedy's path."""
+    R, d = 6, 24
+    H = spike_H(d, 3, dead=dead)
+    W = weights(R, d, 3, torch.float64)
+    for sp in (0.6, 0.85):
+        W1, keep, loss = prune_restricted(W, H, sp, widen=100, candidates=cands)
+        W0, keep0, loss0 = S.prune_exact(W, H, sp)
+        assert torch.equal(keep, keep0)
+        torch.testing.assert_close(W1, W0, rtol=1e-9, atol=1e-12)
+        torch.testing.assert_close(loss, loss0, rtol=1e-7, atol=1e-12)
+
+
+@pytest.mark.parametrize("cands", ["forward", "sparsegpt"])
+@pytest.mark.parametrize("kind", ["random", "spike"])
+def test_not_worse_than_the_sweep_and_close_to_exact(kind, cands):
+    R, d = 32, 200
+    H = random_H(d, 5) if kind == "random" else spike_H(d, 5)
+    W = weights(R, d, 5)
+    for sp in (0.9, 0.95, 0.97):
+        e_fast = damped_loss(W, S.prune_sparsegpt(W, H, sp)[0], H)
+        e_exact = damped_loss(W, S.prune_exact(W, H, sp)[0], H)
+        W1, keep, _ = prune_restricted(W, H, sp, candidates=cands, widen=1.5 if cands == "forward" else 3)
+        e = damped_loss(W, W1, H)
+        assert e <= e_fast * (1 + 1e-6)
+        assert e <= 1.05 * e_exact
+        assert int((~keep).sum()) == round(sp * R * d)
+        assert bool((W1[~keep] == 0).all())
+
+
+def test_exact_count_and_losses_with_dead_inputs():
+    R, d = 20, 150
+    H = spike_H(d, 7, dead=0.4)
+    W = weights(R, d, 7)
+    for sp in (0.0, 0.1, 0.5, 0.9, 0.93, 0.99, 1.0):
+        W1, keep, loss = prune_restricted(W, H, sp)
+        assert int((~keep).sum()) == round(sp * R * d)
+        assert bool((W1[~keep] == 0).all())
+        dw = (W1 - W).double()
+        ref = 0.5 * ((dw @ H) * dw).sum(1)     # on the undamped H
+        torch.testing.assert_close(loss, ref, rtol=1e-4, atol=1e-8)
+
+
+def test_row_scale():
+    R, d = 16, 120
+    H = spike_H(d, 9)
+    W = weights(R, d, 9)
+    base, keep0, loss0 = prune_restricted(W, H, 0.95)
+    same, keep1, loss1 = prune_restricted(W, H, 0.95, row_scale=torch.full((R,), 3.0))
+    assert torch.equal(keep0, keep1)                   # a uniform scale changes no choice
+    torch.testing.assert_close(loss1, 3 * loss0)
+    scale = torch.ones(R)
+    scale[:4] = 1e4                                    # the first rows matter far more
+    _, keep2, _ = prune_restricted(W, H, 0.95, row_scale=scale)
+    assert int((~keep2).sum()) == int((~keep0).sum())
+    assert int(keep2[:4].sum()) > int(keep0[:4].sum())
+    with pytest.raises(OsbcError):
+        prune_restricted(W, H, 0.95, row_scale=torch.ones(R + 1))
+    with pytest.raises(OsbcError):
+        prune_restricted(W, H, 0.95, candidates="magnitude")
+
+
+def test_nm_pattern():
+    R, d = 8, 64
+    H = spike_H(d, 11)
+    W = weights(R, d, 11)
+    W1, keep, _ = prune_restricted(W, H, None, nm=(2, 4))
+    assert bool((keep.reshape(R, -1, 4).sum(2) == 2).all())
+    W0, keep0, _ = S.prune_exact(W, H, None, nm=(2, 4))
+    assert torch.equal(keep, keep0)
+    _, keep, _ = prune_restricted(W, [(torch.arange(4), H), (torch.arange(4, 8), spike_H(d, 12))], 0.4, nm=(2, 4))
+    assert int((~keep).sum()) == round(0.4 * R * d)
+    assert bool((keep.reshape(R, -1, 4).sum(2) >= 2).all())
+    with pytest.raises(OsbcError):
+        prune_restricted(W, H, 0.6, nm=(2, 4))
+
+
+def test_groups():
+    """Per-row groups of Hessians share the layer budget; at low sparsity (the exact greedy) the
+    result is the exact greedy's with each row's own H."""
+    R, d = 12, 96
+    Ha, Hb = spike_H(d, 13), random_H(d, 14)
+    rows_b = torch.tensor([1, 4, 5, 9])
+    rows_a = torch.tensor([r for r in range(R) if r not in rows_b.tolist()])
+    W = weights(R, d, 13)
+    per_row = torch.stack([Hb if r in rows_b.tolist() else Ha for r in range(R)])
+    groups = [(rows_a, Ha), (rows_b, Hb)]
+    _, keep, _ = prune_restricted(W, groups, 0.5)
+    _, keep0, _ = S.prune_exact(W, per_row, 0.5)
+    assert torch.equal(keep, keep0)
+    W1, keep, loss = prune_restricted(W, groups, 0.95)
+    assert int((~keep).sum()) == round(0.95 * R * d)
+    for rows, Hg in groups:                            # each row's loss on its own H
+        dw = (W1[rows] - W[rows]).double()
+        torch.testing.assert_close(loss[rows], 0.5 * ((dw @ Hg) * dw).sum(1), rtol=1e-4, atol=1e-8)
+    with pytest.raises(OsbcError):
+        prune_restricted(W, [(rows_a, Ha)], 0.9)
+    with pytest.raises(OsbcError):
+        prune_restricted(W, per_row, 0.9)
+
+
+def test_deterministic():
+    R, d = 24, 160
+    H = spike_H(d, 15)
+    W = weights(R, d, 15)
+    a = prune_restricted(W, H, 0.97)
+    b = prune_restricted(W, H, 0.97)
+    assert all(torch.equal(x, y) for x, y in zip(a, b))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_matches_cpu():
+    R, d = 32, 256
+    H = spike_H(d, 17)
+    W = weights(R, d, 17)
+    W1, keep, loss = prune_restricted(W, H, 0.97)
+    W2, keep2, loss2 = prune_restricted(W.cuda(), H.cuda(), 0.97)
+    assert (keep2.cpu() != keep).float().mean() < 0.01
+    torch.testing.assert_close(loss2.cpu().sum(), loss.sum(), rtol=1e-2, atol=1e-8)
+    assert int((~keep2).sum()) == int((~keep).sum())
