@@ -18,14 +18,18 @@ from . import neurons
 __all__ = ["LIF", "IF", "PLIF", "BaseNode", "reset", "surrogate_spike"]
 
 
-class _ATan(torch.autograd.Function):
-    # spikingjelly's ATan(alpha=2): d spike / dx = (alpha/2) / (1 + (pi/2 * alpha * x)^2)
+class _Heaviside(torch.autograd.Function):
+    """Spike = Heaviside(x); the backward pass is the subclass's surrogate derivative."""
+
     @staticmethod
     def forward(ctx, x: Tensor, alpha: float) -> Tensor:
         ctx.save_for_backward(x)
         ctx.alpha = alpha
         return (x >= 0).to(x.dtype)
 
+
+class _ATan(_Heaviside):
+    # spikingjelly's ATan(alpha=2): d spike / dx = (alpha/2) / (1 + (pi/2 * alpha * x)^2)
     @staticmethod
     def backward(ctx, grad: Tensor):
         (x,) = ctx.saved_tensors
@@ -33,13 +37,7 @@ class _ATan(torch.autograd.Function):
         return grad * (a / 2) / (1 + (math.pi / 2 * a * x) ** 2), None
 
 
-class _Sigmoid(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x: Tensor, alpha: float) -> Tensor:
-        ctx.save_for_backward(x)
-        ctx.alpha = alpha
-        return (x >= 0).to(x.dtype)
-
+class _Sigmoid(_Heaviside):
     @staticmethod
     def backward(ctx, grad: Tensor):
         (x,) = ctx.saved_tensors
