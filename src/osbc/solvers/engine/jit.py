@@ -1,4 +1,4 @@
-"""Compiled CPU kernel of the exact greedy's steps (numba; optional: ``pip install osbc[fast]``).
+"""Compiled CPU kernel of the exact greedy's steps (numba, a dependency of osbc; the torch steps run without it).
 
 The greedy (``engine.greedy._greedy``) spends its time in two kinds of work: the batched downdate of
 H^-1 every B steps (large matrix products: torch does these well) and, at every step, a few dozen
