@@ -1,5 +1,6 @@
 """Layer budgets against brute-force rankings."""
 
+import pytest
 import torch
 
 from osbc import allocation as A
@@ -47,5 +48,9 @@ def test_global_counts_equal_sorted_relative_losses():
     assert all(torch.equal(c, w) for c, w in zip(counts, want))
 
 
-def test_uniform():
-    assert A.uniform([10, 20], 0.3) == [0.3, 0.3]
+def test_uniform_gives_every_layer_the_requested_sparsity():
+    sizes = [10, 20, 1000]
+    for s in (0.0, 0.3, 0.97):
+        out = A.uniform(sizes, s)
+        assert out == [s] * len(sizes)
+        assert sum(o * n for o, n in zip(out, sizes)) == pytest.approx(s * sum(sizes))

@@ -443,11 +443,15 @@ def test_deterministic():
         assert torch.equal(f(), f())
 
 
-def test_progress_bar_runs():
+def test_progress_bar_shows_and_changes_nothing(capsys):
     W = torch.randn(4, 20)
     H = spike_H(20)
-    S.obs_path(W, H, progress=True)
-    S.quantize_obq(W, H, fit_grid(W, 4), progress=True)
+    p_on, p_off = S.obs_path(W, H, progress=True), S.obs_path(W, H, progress=False)
+    q_on = S.quantize_obq(W, H, fit_grid(W, 4), progress=True)
+    err = capsys.readouterr().err
+    assert "it/s" in err or "%" in err          # tqdm drew a bar on stderr
+    assert torch.equal(p_on.order, p_off.order) and torch.equal(p_on.loss, p_off.loss)
+    assert torch.equal(q_on, S.quantize_obq(W, H, fit_grid(W, 4), progress=False))
 
 
 # ---- quantization solvers --------------------------------------------------------------------

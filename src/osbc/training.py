@@ -25,6 +25,7 @@ from torch.utils.data import DataLoader, Dataset, TensorDataset
 from . import snn
 from .device import pinned_threads, resolve_device  # noqa: F401 - pinned_threads: public here too
 from .errors import OsbcError
+from .layers import is_weight_layer
 
 __all__ = ["train", "evaluate", "TrainResult", "Evaluation", "batches", "predict", "weight_layers",
            "pinned_threads"]
@@ -83,7 +84,7 @@ def predict(model: nn.Module, x: Tensor) -> Tensor:
 
 def weight_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
     """The Linear / Conv layers (the weights osbc compresses)."""
-    return [(n, m) for n, m in model.named_modules() if isinstance(m, (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d))]
+    return [(n, m) for n, m in model.named_modules() if is_weight_layer(m)]
 
 
 # ---- training ---------------------------------------------------------------------------------
