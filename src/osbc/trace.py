@@ -207,10 +207,11 @@ def _record(model: nn.Module, sample: Tensor, driver: Driver) -> list[Call]:
 
 
 def _whole_sequence_steps(calls: list[Call], T: int, B: int) -> list[Call]:
-    """Single-step neurons that took the whole ``[T, B, ...]`` batch as one step (the model does
-    not loop over time: it must be driven step by step)."""
+    """Single-step neurons that took ``[T, B, ...]`` tensors as one step: the model does not loop
+    over time (it must be driven step by step), or loops over a static frame of its own (it must be
+    given the frame)."""
     return [c for c in calls if T > 1 and neurons.is_neuron(c.module) and neurons.step_kind(c.module)
-            and len(c.in_shapes) == 1 and c.in_shapes[0][:2] == (T, B)]
+            and any(s[:2] == (T, B) for s in c.in_shapes)]
 
 
 def _repeats(calls: list[Call], B: int) -> int | None:
@@ -250,7 +251,7 @@ def _choose(model: nn.Module, sample: Tensor) -> tuple[Driver, list[Call]]:
         swallowed = _whole_sequence_steps(calls, T, B)
         if not swallowed:
             return SEQUENCE, calls
-        why = (f"its single-step neuron {swallowed[0].name} took the whole [T, B, ...] input as one step, "
+        why = (f"its single-step neuron {swallowed[0].name} took [T, B, ...] tensors as one step, "
                "and driving it step by step failed")
     except Exception as e:  # noqa: BLE001 - a model rejecting the input is a user error
         why = f"the model rejected the input of shape {tuple(sample.shape)} (time-major [T, B, ...]): " \
@@ -272,7 +273,8 @@ def _choose(model: nn.Module, sample: Tensor) -> tuple[Driver, list[Call]]:
                             f"repeated {T} times; pass time_steps={n}")
         return d, calls
     raise OsbcError(f"{why}; nor does it take one step [B, ...] at a time: pass step_fn=(model, x_t, state) -> "
-                    "(output, state) to say how to run it one step, or feed it [T, B, ...] tensors")
+                    "(output, state) to run it one step, or time_steps=T if the samples are static frames "
+                    "without a time axis")
 
 
 def trace(model: nn.Module, sample: Tensor, step_fn: StepFn | None = None) -> Trace:
