@@ -29,15 +29,20 @@ f64 = torch.float64
 
 # ---- the models, each with the loop its tutorial runs it with ------------------------------------
 
+def scaled(net, *gains):
+    """``net`` in eval mode, its layers 0 and 4 scaled so that the random weights make spikes."""
+    with torch.no_grad():
+        for i, g in zip((0, 4), gains):
+            net[i].weight.mul_(g)
+    return net.eval()
+
+
 def snntorch_net():
     """snntorch tutorial style: single-step layers in nn.Sequential, hidden state in the neurons."""
     torch.manual_seed(0)
-    net = nn.Sequential(nn.Conv2d(1, 6, 3, padding=1), nn.MaxPool2d(2), snn.Leaky(beta=0.8, init_hidden=True),
-                        nn.Flatten(), nn.Linear(6 * 4 * 4, 5), snn.Leaky(beta=0.8, init_hidden=True, output=True))
-    with torch.no_grad():
-        net[0].weight.mul_(4)
-        net[4].weight.mul_(3)
-    return net.eval()
+    return scaled(nn.Sequential(nn.Conv2d(1, 6, 3, padding=1), nn.MaxPool2d(2), snn.Leaky(beta=0.8, init_hidden=True),
+                                nn.Flatten(), nn.Linear(6 * 4 * 4, 5),
+                                snn.Leaky(beta=0.8, init_hidden=True, output=True)), 4, 3)
 
 
 def snntorch_loop(net, x_tb):
@@ -52,11 +57,8 @@ def snntorch_loop(net, x_tb):
 def norse_net():
     """norse tutorial style: SequentialState of *Cell modules, the state passed in and out."""
     torch.manual_seed(0)
-    net = norse.SequentialState(nn.Conv2d(1, 6, 3, padding=1), norse.LIFCell(), nn.MaxPool2d(2), nn.Flatten(),
-                                nn.Linear(6 * 4 * 4, 5), norse.LICell())
-    with torch.no_grad():
-        net[0].weight.mul_(40)
-    return net.eval()
+    return scaled(norse.SequentialState(nn.Conv2d(1, 6, 3, padding=1), norse.LIFCell(), nn.MaxPool2d(2),
+                                        nn.Flatten(), nn.Linear(6 * 4 * 4, 5), norse.LICell()), 40)
 
 
 def norse_loop(net, x_tb):
@@ -70,12 +72,8 @@ def norse_loop(net, x_tb):
 def spikingjelly_net():
     """spikingjelly in its default single-step mode (step_mode='s')."""
     torch.manual_seed(0)
-    net = nn.Sequential(layer.Conv2d(1, 6, 3, padding=1), neuron.LIFNode(tau=5.0), layer.MaxPool2d(2),
-                        layer.Flatten(), layer.Linear(6 * 4 * 4, 5), neuron.LIFNode(tau=5.0))
-    with torch.no_grad():
-        net[0].weight.mul_(6)
-        net[4].weight.mul_(4)
-    return net.eval()
+    return scaled(nn.Sequential(layer.Conv2d(1, 6, 3, padding=1), neuron.LIFNode(tau=5.0), layer.MaxPool2d(2),
+                                layer.Flatten(), layer.Linear(6 * 4 * 4, 5), neuron.LIFNode(tau=5.0)), 6, 4)
 
 
 def spikingjelly_loop(net, x_tb):

@@ -20,16 +20,18 @@ way); the per-step drivers stack the first tensor of each step's output back to 
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass
 from typing import Callable, Iterator
 
 import torch
 from torch import Tensor, nn
 
+from . import neurons
 from .errors import OsbcError
 from .snn import reset
 
-__all__ = ["Driver", "SEQUENCE", "STATIC", "run_model", "batches"]
+__all__ = ["Driver", "SEQUENCE", "STATIC", "run_model", "step_driver", "repeat_count", "batches"]
 
 #: ``step_fn(model, x_t, state) -> (output, state)``; ``state`` is None at the first step.
 StepFn = Callable[[nn.Module, Tensor, object], tuple]
@@ -91,6 +93,33 @@ STATIC = Driver("static")
 def run_model(model: nn.Module, x_tb: Tensor) -> Tensor:
     """One clean forward on the whole ``[T, B, ...]`` batch: neuron state cleared before and after."""
     return SEQUENCE(model, x_tb)
+
+
+def repeat_count(calls: list, B: int) -> int | None:
+    """How many steps a model called on one static frame ``[B, ...]`` ran, from its first neuron's
+    calls (:class:`osbc.trace.Call`): T calls of ``[B, ...]``, one of ``[T, B, ...]`` or one of
+    ``[T*B, ...]``; None if it ran one."""
+    for c in calls:
+        if neurons.is_neuron(c.module):
+            s, n = c.in_shapes[0], len(c.in_shapes)
+            if n > 1 and s[0] == B:
+                return n
+            if n == 1 and len(s) > 1 and s[1] == B and s[0] > 1:
+                return s[0]
+            if n == 1 and s[0] > B and s[0] % B == 0:
+                return s[0] // B
+            return None
+    return None
+
+
+def step_driver(model: nn.Module) -> Driver:
+    """Step by step, the state passed in and out where the neurons and ``forward`` expect it (norse)."""
+    passed = any(neurons.step_kind(m) == "passed" for m in model.modules() if neurons.is_neuron(m))
+    try:
+        params = inspect.signature(model.forward).parameters
+    except (TypeError, ValueError):
+        params = {}
+    return Driver("state" if passed and len(params) >= 2 else "step")
 
 
 def _positive(name: str, v) -> None:

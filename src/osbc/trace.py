@@ -33,7 +33,6 @@ which is exact for the positions the max selects as long as the selection does n
 from __future__ import annotations
 
 import fnmatch
-import inspect
 from dataclasses import dataclass, field
 from typing import Callable, Iterator
 
@@ -44,7 +43,8 @@ from torch.overrides import TorchFunctionMode
 from torch.utils.weak import WeakIdKeyDictionary
 
 from . import neurons
-from .drive import SEQUENCE, STATIC, Driver, StepFn, _first_tensor, _tensors, batches, run_model
+from .drive import (SEQUENCE, STATIC, Driver, StepFn, _first_tensor, _tensors, batches, repeat_count, run_model,
+                    step_driver)
 from .errors import OsbcError
 from .kernels import Kernel, KernelError
 from .layers import is_compressible
@@ -214,32 +214,6 @@ def _whole_sequence_steps(calls: list[Call], T: int, B: int) -> list[Call]:
             and any(s[:2] == (T, B) for s in c.in_shapes)]
 
 
-def _repeats(calls: list[Call], B: int) -> int | None:
-    """How many steps a model called on one static frame ``[B, ...]`` ran, from its first neuron's
-    calls (T calls of ``[B, ...]``, one of ``[T, B, ...]`` or of ``[T*B, ...]``); None if it ran one."""
-    for c in calls:
-        if neurons.is_neuron(c.module):
-            s, n = c.in_shapes[0], len(c.in_shapes)
-            if n > 1 and s[0] == B:
-                return n
-            if n == 1 and len(s) > 1 and s[1] == B and s[0] > 1:
-                return s[0]
-            if n == 1 and s[0] > B and s[0] % B == 0:
-                return s[0] // B
-            return None
-    return None
-
-
-def _step_driver(model: nn.Module) -> Driver:
-    """Step by step, the state passed in and out where the neurons and ``forward`` expect it (norse)."""
-    passed = any(neurons.step_kind(m) == "passed" for m in model.modules() if neurons.is_neuron(m))
-    try:
-        params = inspect.signature(model.forward).parameters
-    except (TypeError, ValueError):
-        params = {}
-    return Driver("state" if passed and len(params) >= 2 else "step")
-
-
 def _choose(model: nn.Module, sample: Tensor) -> tuple[Driver, list[Call]]:
     """The driver of ``model`` (see :mod:`osbc.drive`) and its calls on ``sample``: the whole
     sequence, unless the model rejects it or its single-step neurons take it as one step; then one
@@ -257,7 +231,7 @@ def _choose(model: nn.Module, sample: Tensor) -> tuple[Driver, list[Call]]:
         why = f"the model rejected the input of shape {tuple(sample.shape)} (time-major [T, B, ...]): " \
               f"{type(e).__name__}: {e}"
     candidates = [STATIC] if T > 1 and bool((sample == sample[:1]).all()) else []
-    candidates.append(_step_driver(model))
+    candidates.append(step_driver(model))
     for d in candidates:
         try:
             calls = _record(model, sample, d)
@@ -265,7 +239,7 @@ def _choose(model: nn.Module, sample: Tensor) -> tuple[Driver, list[Call]]:
             continue
         if d is not STATIC:
             return d, calls
-        n = _repeats(calls, B)
+        n = repeat_count(calls, B)
         if n is None:
             continue  # it ran one step: a single-step model
         if n != T:
