@@ -147,6 +147,8 @@ def test_single_step_models_are_driven_step_by_step(lib):
     assert all(not t.kernel.is_identity for t in targets)
     x_tb = calib.transpose(0, 1)
     check_hessians(targets, hs, recorded(net, [t.layer for t in targets], lambda: loop(net, x_tb)), T)
+    one = find_modules(net, x_tb[:1, :2])  # a single frame is one step, not a batch without time
+    assert [(t.mode, t.driver.kind) for t in one] == [("loop", kind)] * 2
 
 
 def test_single_step_kernels_are_the_libraries_neurons():
@@ -343,6 +345,9 @@ def test_time_first_loader_is_detected_or_read_as_told():
     # the same samples as a batch-first loader gives
     ref = list(batches(torch.utils.data.DataLoader(data, batch_size=8, collate_fn=PadTensors(batch_first=True))))
     assert all(torch.equal(a, b) for a, b in zip(xs, ref))
+    # a time-first tensor [T, N, ...] reads as the batch-first one
+    x = spikes(N, T, 3)
+    assert all(torch.equal(a, b) for a, b in zip(batches(x.transpose(0, 1), 5, time_first=True), batches(x, 5)))
     # time_first=False: the user says so, nothing is checked
     assert [x.shape[1] for x in batches(loader, time_first=False)] == [T] * 3
 

@@ -269,9 +269,13 @@ def trace(model: nn.Module, sample: Tensor, step_fn: StepFn | None = None) -> Tr
         except Exception as e:  # noqa: BLE001 - a failing step_fn is a user error
             raise OsbcError(f"step_fn failed on one step of shape {tuple(sample.shape[1:])}: "
                             f"{type(e).__name__}: {e}") from e
+    stepped = driver.kind in ("step", "state", "user")
     for c in order:
         c.mode = _layout(c.module, c.in_shapes, T, B)
         c.out_mode = _layout(None, c.out_shapes, T, B)
+        if stepped and T == 1:  # [B, ...] = [T*B, ...]: one step of the loop over a one-frame input
+            c.mode = "loop" if c.mode in ("batch", "flat") else c.mode
+            c.out_mode = "loop" if c.out_mode in ("batch", "flat") else c.out_mode
     return Trace(T, B, order, driver)
 
 
