@@ -1,7 +1,8 @@
 """One hooked forward pass: which layers a model calls, in what order, on what shapes.
 
 SNN forward passes loop over time, so ``torch.fx`` cannot trace them. Instead :func:`trace` runs
-one batch with forward hooks on every leaf module (a neuron counts as a leaf: spikingjelly's call
+one batch (the way the model wants to be called: whole sequence, step by step, or one static frame;
+see :mod:`osbc.drive`, chosen by :func:`_choose`) with forward hooks on every leaf module (a neuron counts as a leaf: spikingjelly's call
 their surrogate function as a child module) and records each module's calls with their shapes, and
 which module calls each one's input was computed from (:attr:`Call.sources`): every module output
 is tagged with its call, and the tags follow the tensors through the operations between modules
@@ -15,7 +16,8 @@ How a module is called tells time from batch (:attr:`Call.mode`):
 
 * ``"tb"``: once per forward with ``[T, B, ...]`` (Linear on multi-step tensors, spikingjelly layers);
 * ``"flat"``: once with ``[T*B, ...]`` (convs wrapped so time is folded into the batch);
-* ``"loop"``: T times with ``[B, ...]`` (snntorch-style models that loop over time in ``forward``);
+* ``"loop"``: T times with ``[B, ...]`` (snntorch-style models that loop over time in ``forward``,
+  and single-step models that osbc drives step by step);
 * ``"batch"``: once with ``[B, ...]`` (e.g. a readout on the time-averaged output).
 
 Discovery follows the data flow back from each neuron's input: through element-wise modules
@@ -206,6 +208,10 @@ def _record(model: nn.Module, sample: Tensor, driver: Driver) -> list[Call]:
     return order
 
 
+def _one_line(e: Exception) -> str:
+    return f"{type(e).__name__}: " + " ".join(str(e).split())
+
+
 def _whole_sequence_steps(calls: list[Call], T: int, B: int) -> list[Call]:
     """Single-step neurons that took ``[T, B, ...]`` tensors as one step: the model does not loop
     over time (it must be driven step by step), or loops over a static frame of its own (it must be
@@ -229,7 +235,7 @@ def _choose(model: nn.Module, sample: Tensor) -> tuple[Driver, list[Call]]:
                "and driving it step by step failed")
     except Exception as e:  # noqa: BLE001 - a model rejecting the input is a user error
         why = f"the model rejected the input of shape {tuple(sample.shape)} (time-major [T, B, ...]): " \
-              f"{type(e).__name__}: {e}"
+              f"{_one_line(e)}"
     candidates = [STATIC] if T > 1 and bool((sample == sample[:1]).all()) else []
     candidates.append(step_driver(model))
     for d in candidates:
@@ -268,7 +274,7 @@ def trace(model: nn.Module, sample: Tensor, step_fn: StepFn | None = None) -> Tr
             order = _record(model, sample, driver)
         except Exception as e:  # noqa: BLE001 - a failing step_fn is a user error
             raise OsbcError(f"step_fn failed on one step of shape {tuple(sample.shape[1:])}: "
-                            f"{type(e).__name__}: {e}") from e
+                            f"{_one_line(e)}") from e
     stepped = driver.kind in ("step", "state", "user")
     for c in order:
         c.mode = _layout(c.module, c.in_shapes, T, B)
