@@ -297,6 +297,18 @@ def test_static_input_models_are_called_on_the_frame(lib):
             find_modules(net, next(batches(frames[:2])))
 
 
+def test_static_frames_repeated_for_a_multi_step_model():
+    """time_steps also serves models that take [T, B, ...]: the repeated frames are a sequence."""
+    from helpers import ConvNet
+
+    net = ConvNet(c_in=1).eval()
+    frames = torch.rand(N, 1, 8, 8, generator=torch.Generator().manual_seed(0))
+    xs = list(batches(frames, 5, time_steps=T))
+    assert all(torch.equal(x, frames[i * 5:(i + 1) * 5].expand(T, *x.shape[1:])) for i, x in enumerate(xs))
+    targets = find_modules(net, xs[0][:, :2])
+    assert [(t.name, t.driver.kind) for t in targets] == [(n, "sequence") for n in ("conv.m", "fc", "readout")]
+
+
 def test_static_model_prunes_and_runs_in_spikingjelly():
     torch.manual_seed(0)
     net = CSNN(T).eval()
