@@ -8,7 +8,12 @@ A neuron class registers once, with :func:`register`, and from then on (subclass
   (:mod:`osbc.nir_export`) are both derived from it, so the two can never disagree;
 * optionally a **kernel** function that overrides the one derived from the dynamics (spikingjelly
   subclasses that change the dynamics are measured instead);
-* its **state reset** (``None`` for stateless modules).
+* its **state reset** (``None`` for stateless modules);
+* whether it is **single-step** (:func:`step_kind`): ``"hidden"`` for neurons that take one time
+  step ``[B, ...]`` per call and keep their state inside (snntorch, spikingjelly with
+  ``step_mode="s"``), ``"passed"`` for those whose state is passed in and out (norse ``*Cell``),
+  None for multi-step neurons that take ``[T, B, ...]``. :mod:`osbc.drive` loops over time for
+  models built from single-step neurons.
 
 osbc's own neurons register in :mod:`osbc.snn`. Other libraries' neurons are registered by their
 adapters (``osbc/interop/<library>.py``), loaded the first time a module whose class comes from
@@ -35,7 +40,7 @@ from .kernels import Kernel, KernelError
 from .layers import WEIGHT_LAYERS
 
 __all__ = ["Dynamics", "NeuronType", "register", "neuron_type", "is_neuron", "reset_module", "kernel_of",
-           "dynamics_of", "probe_kernel", "LIBRARIES", "AVAILABLE", "FAILED", "load_adapter", "load_for",
+           "dynamics_of", "step_kind", "probe_kernel", "LIBRARIES", "AVAILABLE", "FAILED", "load_adapter", "load_for",
            "load_all"]
 
 RESET_MODES = ("zero", "subtract", "none")
@@ -88,21 +93,28 @@ class NeuronType:
     dynamics: Callable[[nn.Module], Dynamics] | None
     reset: Callable[[nn.Module], None] | None
     kernel: Callable[[nn.Module], Kernel] | None = None
+    step: Callable[[nn.Module], str | None] | str | None = None
 
 
+STEP_KINDS = (None, "hidden", "passed")
 _REGISTRY: dict[type, NeuronType] = {}
 
 
 def register(cls: type, dynamics: Callable[[nn.Module], Dynamics] | None = None,
              reset: Callable[[nn.Module], None] | None = None, *,
-             kernel: Callable[[nn.Module], Kernel] | None = None) -> None:
+             kernel: Callable[[nn.Module], Kernel] | None = None,
+             step: Callable[[nn.Module], str | None] | str | None = None) -> None:
     """Teach osbc a neuron class: ``dynamics(module) -> Dynamics`` (gives the kernel and the NIR
     node; it may return None for a module whose dynamics it does not describe), an optional state
-    ``reset(module)``, and an optional ``kernel(module) -> Kernel`` that replaces the kernel derived
-    from the dynamics (a neuron with only a kernel compresses but does not export to NIR)."""
+    ``reset(module)``, an optional ``kernel(module) -> Kernel`` that replaces the kernel derived
+    from the dynamics (a neuron with only a kernel compresses but does not export to NIR), and
+    ``step``: None (multi-step), ``"hidden"`` or ``"passed"`` (single-step, see the module docs),
+    or a function of the module that returns one of these."""
     if dynamics is None and kernel is None:
         raise OsbcError(f"register({cls.__name__}): give dynamics, a kernel, or both")
-    _REGISTRY[cls] = NeuronType(dynamics, reset, kernel)
+    if not callable(step) and step not in STEP_KINDS:
+        raise OsbcError(f"register({cls.__name__}): step must be one of {STEP_KINDS} or a function, got {step!r}")
+    _REGISTRY[cls] = NeuronType(dynamics, reset, kernel, step)
 
 
 # ---- other libraries' adapters, loaded on first sight -------------------------------------------
@@ -190,6 +202,14 @@ def reset_module(m: nn.Module) -> None:
             nt.reset(m)
     elif hasattr(m, "reset") and callable(m.reset) and is_neuron(m):
         m.reset()
+
+
+def step_kind(m: nn.Module) -> str | None:
+    """How neuron ``m`` takes time (see the module docs): None, ``"hidden"`` or ``"passed"``."""
+    nt = neuron_type(m)
+    if nt is None:
+        return None
+    return nt.step(m) if callable(nt.step) else nt.step
 
 
 def dynamics_of(m: nn.Module) -> Dynamics | None:

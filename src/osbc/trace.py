@@ -1,7 +1,8 @@
 """One hooked forward pass: which layers a model calls, in what order, on what shapes.
 
 SNN forward passes loop over time, so ``torch.fx`` cannot trace them. Instead :func:`trace` runs
-one batch with forward hooks on every leaf module (a neuron counts as a leaf: spikingjelly's call
+one batch (the way the model wants to be called: whole sequence, step by step, or one static frame;
+see :mod:`osbc.drive`, chosen by :func:`_choose`) with forward hooks on every leaf module (a neuron counts as a leaf: spikingjelly's call
 their surrogate function as a child module) and records each module's calls with their shapes, and
 which module calls each one's input was computed from (:attr:`Call.sources`): every module output
 is tagged with its call, and the tags follow the tensors through the operations between modules
@@ -15,7 +16,8 @@ How a module is called tells time from batch (:attr:`Call.mode`):
 
 * ``"tb"``: once per forward with ``[T, B, ...]`` (Linear on multi-step tensors, spikingjelly layers);
 * ``"flat"``: once with ``[T*B, ...]`` (convs wrapped so time is folded into the batch);
-* ``"loop"``: T times with ``[B, ...]`` (snntorch-style models that loop over time in ``forward``);
+* ``"loop"``: T times with ``[B, ...]`` (snntorch-style models that loop over time in ``forward``,
+  and single-step models that osbc drives step by step);
 * ``"batch"``: once with ``[B, ...]`` (e.g. a readout on the time-averaged output).
 
 Discovery follows the data flow back from each neuron's input: through element-wise modules
@@ -43,12 +45,15 @@ from torch.overrides import TorchFunctionMode
 from torch.utils.weak import WeakIdKeyDictionary
 
 from . import neurons
+from .drive import (SEQUENCE, STATIC, Driver, StepFn, _first_tensor, _tensors, batches, repeat_count, run_model,
+                    step_driver)
 from .errors import OsbcError
 from .kernels import Kernel, KernelError
 from .layers import is_compressible
 from .snn import reset
 
-__all__ = ["Call", "Trace", "trace", "Target", "find_modules", "Recorder", "time_major", "batches", "run_model"]
+__all__ = ["Call", "Trace", "trace", "Target", "find_modules", "Recorder", "time_major", "batches", "run_model",
+           "Driver"]
 
 # Modules that may sit between the weight layer (or its BN) and the neuron without changing the
 # membrane objective: they act per element and identically at every time step.
@@ -61,22 +66,6 @@ _CONV_DIMS = ((nn.Conv1d, 3), (nn.Conv2d, 4))  # dims of one batched call
 
 
 # ---- the record ---------------------------------------------------------------------------------
-
-def _tensors(x) -> Iterator[Tensor]:
-    """The tensors in ``x`` (nested tuples, lists and dicts), in order."""
-    if isinstance(x, Tensor):
-        yield x
-    elif isinstance(x, (tuple, list)):
-        for v in x:
-            yield from _tensors(v)
-    elif isinstance(x, dict):
-        for v in x.values():
-            yield from _tensors(v)
-
-
-def _first_tensor(x) -> Tensor | None:
-    return next(_tensors(x), None)
-
 
 class _Flow(TorchFunctionMode):
     """Tags every tensor computed outside the hooked modules with the module calls it came from
@@ -169,26 +158,16 @@ class Trace:
     T: int
     B: int
     calls: list[Call]
-
-
-def run_model(model: nn.Module, x_tb: Tensor) -> Tensor:
-    """One clean forward: neuron state cleared before and after."""
-    reset(model)
-    try:
-        return model(x_tb)
-    finally:
-        reset(model)
+    driver: Driver = SEQUENCE  # how the model was run (see osbc.drive)
 
 
 def _leaf(m: nn.Module) -> bool:
     return next(m.children(), None) is None
 
 
-def trace(model: nn.Module, sample: Tensor) -> Trace:
-    """Run ``model`` once on ``sample`` (time-major ``[T, B, ...]``, eval mode, no grad, neuron
-    state reset before and after) and record every leaf module's calls. The model's mode, state and
-    parameters are left as they were. Raises :class:`OsbcError` when the model rejects the input."""
-    T, B = sample.shape[:2]
+def _record(model: nn.Module, sample: Tensor, driver: Driver) -> list[Call]:
+    """Run ``driver(model, sample)`` with hooks on every leaf module; the calls in order (layouts
+    not set). Exceptions of the model propagate."""
     names = {m: n for n, m in model.named_modules()}
     by_module: dict[nn.Module, Call] = {}
     order: list[Call] = []
@@ -221,18 +200,89 @@ def trace(model: nn.Module, sample: Tensor) -> Trace:
     model.eval()
     try:
         with torch.no_grad(), flow:
-            run_model(model, sample)
-    except Exception as e:  # noqa: BLE001 - a model rejecting the input is a user error
-        raise OsbcError(f"the model rejected the input of shape {tuple(sample.shape)} "
-                        f"(time-major [T, B, ...]): {type(e).__name__}: {e}") from e
+            driver(model, sample)
     finally:
         for h in handles:
             h.remove()
         model.train(was_training)
+    return order
+
+
+def _one_line(e: Exception) -> str:
+    return f"{type(e).__name__}: " + " ".join(str(e).split())
+
+
+def _whole_sequence_steps(calls: list[Call], T: int, B: int) -> list[Call]:
+    """Single-step neurons that took ``[T, B, ...]`` tensors as one step: the model does not loop
+    over time (it must be driven step by step), or loops over a static frame of its own (it must be
+    given the frame)."""
+    return [c for c in calls if T > 1 and neurons.is_neuron(c.module) and neurons.step_kind(c.module)
+            and any(s[:2] == (T, B) for s in c.in_shapes)]
+
+
+def _choose(model: nn.Module, sample: Tensor) -> tuple[Driver, list[Call]]:
+    """The driver of ``model`` (see :mod:`osbc.drive`) and its calls on ``sample``: the whole
+    sequence, unless the model rejects it or its single-step neurons take it as one step; then one
+    static frame (if the frames are equal and the model repeats it), or step by step."""
+    T, B = sample.shape[:2]
+    try:
+        calls = _record(model, sample, SEQUENCE)
+        why = ""
+        swallowed = _whole_sequence_steps(calls, T, B)
+        if not swallowed:
+            return SEQUENCE, calls
+        why = (f"its single-step neuron {swallowed[0].name} took [T, B, ...] tensors as one step, "
+               "and driving it step by step failed")
+    except Exception as e:  # noqa: BLE001 - a model rejecting the input is a user error
+        why = f"the model rejected the input of shape {tuple(sample.shape)} (time-major [T, B, ...]): " \
+              f"{_one_line(e)}"
+    candidates = [STATIC] if T > 1 and bool((sample == sample[:1]).all()) else []
+    candidates.append(step_driver(model))
+    for d in candidates:
+        try:
+            calls = _record(model, sample, d)
+        except Exception:  # noqa: BLE001 - try the next way of calling it
+            continue
+        if d is not STATIC:
+            return d, calls
+        n = repeat_count(calls, B)
+        if n is None:
+            continue  # it ran one step: a single-step model
+        if n != T:
+            raise OsbcError(f"the model repeats its static input {n} times, but the calibration frames were "
+                            f"repeated {T} times; pass time_steps={n}")
+        return d, calls
+    raise OsbcError(f"{why}; nor does it take one step [B, ...] at a time: pass step_fn=(model, x_t, state) -> "
+                    "(output, state) to run it one step, or time_steps=T if the samples are static frames "
+                    "without a time axis")
+
+
+def trace(model: nn.Module, sample: Tensor, step_fn: StepFn | None = None) -> Trace:
+    """Run ``model`` once on ``sample`` (time-major ``[T, B, ...]``, eval mode, no grad, neuron
+    state reset before and after) and record every leaf module's calls. The model's mode, state and
+    parameters are left as they were.
+
+    How the model is run (:class:`osbc.drive.Driver`) is found from how it reacts (see
+    :func:`_choose`), or given: ``step_fn(model, x_t, state) -> (output, state)`` runs one step.
+    Raises :class:`OsbcError` when the model cannot be run on the input."""
+    T, B = sample.shape[:2]
+    if step_fn is None:
+        driver, order = _choose(model, sample)
+    else:
+        driver = Driver("user", step_fn)
+        try:
+            order = _record(model, sample, driver)
+        except Exception as e:  # noqa: BLE001 - a failing step_fn is a user error
+            raise OsbcError(f"step_fn failed on one step of shape {tuple(sample.shape[1:])}: "
+                            f"{_one_line(e)}") from e
+    stepped = driver.kind in ("step", "state", "user")
     for c in order:
         c.mode = _layout(c.module, c.in_shapes, T, B)
         c.out_mode = _layout(None, c.out_shapes, T, B)
-    return Trace(T, B, order)
+        if stepped and T == 1:  # [B, ...] = [T*B, ...]: one step of the loop over a one-frame input
+            c.mode = "loop" if c.mode in ("batch", "flat") else c.mode
+            c.out_mode = "loop" if c.out_mode in ("batch", "flat") else c.out_mode
+    return Trace(T, B, order, driver)
 
 
 # ---- discovery ------------------------------------------------------------------------------------
@@ -248,6 +298,7 @@ class Target:
     neuron_name: str | None
     kernel: Kernel
     mode: str  # how the layer is called: "tb", "flat" or "loop"
+    driver: Driver = SEQUENCE  # how the model is run (see osbc.drive)
 
     @property
     def kind(self) -> str:
@@ -352,14 +403,16 @@ def _feeders(neuron: Call) -> Iterator[tuple[Call, nn.Module | None]]:
 
 
 def find_modules(model: nn.Module, sample: Tensor, include: list[str] | str | None = None,
-                 exclude: list[str] | str | None = None) -> list[Target]:
+                 exclude: list[str] | str | None = None, *, step_fn: StepFn | None = None) -> list[Target]:
     """The compressible modules of ``model`` in execution order, each with the BatchNorm and the
     neuron its output reaches (see the module docs; no neuron: the identity kernel).
 
     ``sample``: a time-major batch ``[T, B, ...]``. ``include``/``exclude``: glob patterns on module
-    names (``"fc*"``, ``"features.0"``). Raises :class:`OsbcError` when the model rejects the sample
-    or nothing is left to compress."""
-    tr = trace(model, sample)
+    names (``"fc*"``, ``"features.0"``). ``step_fn``: how to run the model one step (see
+    :func:`trace`; by default found from how the model reacts to ``sample``); every target carries
+    the driver. Raises :class:`OsbcError` when the model rejects the sample or nothing is left to
+    compress."""
+    tr = trace(model, sample, step_fn)
     T, B = tr.T, tr.B
     fed: dict[Call, tuple[Call, nn.Module | None]] = {}
     for n in tr.calls:
@@ -379,7 +432,8 @@ def find_modules(model: nn.Module, sample: Tensor, include: list[str] | str | No
             continue
         if c.mode not in ("tb", "flat", "loop"):
             raise OsbcError(f"{name}: cannot tell time from batch in its calls {c.in_shapes[:3]} for a "
-                            f"[T={T}, B={B}] input; feed [T, B, ...] tensors to the model")
+                            f"[T={T}, B={B}] input; feed [T, B, ...] tensors to the model (calibration batches "
+                            "[B, T, ...]; time_first=True for [T, B, ...], time_steps=T for static [B, ...])")
         neuron, bn = fed.get(c, (None, None))
         if neuron is None:
             kernel = Kernel.identity()
@@ -391,7 +445,7 @@ def find_modules(model: nn.Module, sample: Tensor, include: list[str] | str | No
                                   f"{kernel.shape.numel()} channels, but {name} has {m.weight.shape[0]} "
                                   "output rows; give the neuron one parameter per row of this layer")
         targets.append(Target(name, m, bn, None if neuron is None else neuron.module,
-                              None if neuron is None else neuron.name, kernel, c.mode))
+                              None if neuron is None else neuron.name, kernel, c.mode, tr.driver))
     if not targets:
         raise OsbcError("found nothing to compress: the model has no Linear/Conv1d/Conv2d layer that runs "
                         "on this input" + (" and matches include/exclude" if inc or exc else ""))
@@ -413,7 +467,8 @@ class Recorder:
     """Hooks on target layers that hand each forward's inputs, time-major, to ``callback``.
 
     ``stop_after``: the target after whose input the forward may be abandoned (sequential
-    calibration needs nothing downstream of the layer being compressed)."""
+    calibration needs nothing downstream of the layer being compressed). The model is run the way
+    :func:`find_modules` found (the targets' driver)."""
 
     class _Stop(Exception):
         pass
@@ -421,6 +476,7 @@ class Recorder:
     def __init__(self, targets: list[Target], callback: Callable[[Target, Tensor], None],
                  stop_after: Target | None = None):
         self.targets, self.callback, self.stop_after = targets, callback, stop_after
+        self.driver = targets[0].driver if targets else SEQUENCE
         self._buf: dict[int, list[Tensor]] = {}
         self._handles = []
 
@@ -450,39 +506,10 @@ class Recorder:
         T, B = x_tb.shape[:2]
         try:
             with torch.no_grad():
-                run_model(model, x_tb)
+                self.driver(model, x_tb)
         except Recorder._Stop:
             reset(model)
         for i, xs in self._buf.items():
             t = self.targets[i]
             self.callback(t, time_major(xs, t.mode, T, B))
         self._buf.clear()
-
-
-def batches(calib, batch_size: int = 32) -> Iterator[Tensor]:
-    """Calibration data as time-major ``[T, B, ...]`` float batches.
-
-    ``calib``: a tensor ``[N, T, ...]`` or an iterable of ``x`` / ``(x, y, ...)`` batches
-    ``[B, T, ...]`` (the dataset convention)."""
-    if isinstance(calib, Tensor):
-        if calib.dim() < 3:
-            raise OsbcError(f"calibration tensor must be [N, T, ...], got shape {tuple(calib.shape)}")
-        items: Iterator = iter(calib.split(batch_size))
-    else:
-        try:
-            items = iter(calib)
-        except TypeError:
-            raise OsbcError(f"calib must be a tensor [N, T, ...] or an iterable of batches, "
-                             f"got {type(calib).__name__}") from None
-    for x in items:
-        if isinstance(x, (tuple, list)):
-            x = x[0]
-        if not isinstance(x, Tensor):
-            x = torch.as_tensor(x)
-        if x.dim() < 3:
-            raise OsbcError(f"calibration batches must be [B, T, ...], got shape {tuple(x.shape)}")
-        if not x.is_floating_point():
-            x = x.float()
-        if not torch.isfinite(x).all():
-            raise OsbcError("calibration data contains NaN or Inf; clean the inputs")
-        yield x.transpose(0, 1)

@@ -20,7 +20,9 @@ Parameters may be tensors (per-neuron time constants). Constant terms (``v_leak`
 ``v = v_leak``) cancel in the loss and do not enter the kernel.
 
 State: norse modules keep no state between calls; they take ``state`` as an argument and
-return the new one (``None`` = start from the initial state), so there is nothing to reset.
+return the new one (``None`` = start from the initial state), so there is nothing to reset. The
+``*Cell`` modules take one time step: a model built of them that does not loop over time itself
+(``SequentialState``) is driven as ``out, s = model(x[t], s)`` (:mod:`osbc.drive`).
 """
 
 from __future__ import annotations
@@ -77,10 +79,10 @@ def iaf_dynamics(m: nn.Module) -> Dynamics:
     return Dynamics(1.0, 1.0, f"norse.{type(m).__name__}", threshold=m.p.v_th, v_reset=m.p.v_reset)
 
 
-# norse modules are stateless between calls: no reset needed (None).
-for _cls in (_lif.LIF, _lif.LIFCell, _li.LI, _li.LICell):
-    register(_cls, lif_dynamics, None)
-for _cls in (_lifbox.LIFBoxCell, _libox.LIBoxCell):
-    register(_cls, box_dynamics, None)
-for _cls in (_iaf.IAF, _iaf.IAFCell):
-    register(_cls, iaf_dynamics, None)
+# norse modules are stateless between calls: no reset needed (None). The *Cell modules take one
+# time step and pass their state in and out; LIF, LI and IAF loop over [T, B, ...] themselves.
+for _cls, _dyn in ((_lif.LIF, lif_dynamics), (_li.LI, lif_dynamics), (_iaf.IAF, iaf_dynamics)):
+    register(_cls, _dyn, None)
+for _cls, _dyn in ((_lif.LIFCell, lif_dynamics), (_li.LICell, lif_dynamics), (_lifbox.LIFBoxCell, box_dynamics),
+                   (_libox.LIBoxCell, box_dynamics), (_iaf.IAFCell, iaf_dynamics)):
+    register(_cls, _dyn, None, step="passed")

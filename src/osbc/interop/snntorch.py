@@ -64,5 +64,6 @@ def reset(m: nn.Module) -> None:
             setattr(m, name, torch.zeros_like(v))
 
 
-register(_snn.Leaky, leaky_dynamics, reset)
-register(_snn.Synaptic, synaptic_dynamics, reset)
+# single-step: a model built of them either loops over time itself or is driven step by step
+register(_snn.Leaky, leaky_dynamics, reset, step="hidden")
+register(_snn.Synaptic, synaptic_dynamics, reset, step="hidden")

@@ -27,7 +27,7 @@ from torch import nn
 from ..kernels import Kernel, KernelError
 from ..neurons import Dynamics, probe_kernel, register
 
-__all__ = ["lif_dynamics", "plif_dynamics", "if_dynamics", "reset"]
+__all__ = ["lif_dynamics", "plif_dynamics", "if_dynamics", "reset", "step"]
 
 # Methods through which a subclass could change the subthreshold dynamics.
 _DYNAMICS = ("neuronal_charge", "single_step_functional_forward", "multi_step_functional_forward",
@@ -107,6 +107,11 @@ def reset(m: nn.Module) -> None:
     m.reset()
 
 
+def step(m: nn.Module) -> str | None:
+    """Single-step in spikingjelly's default ``step_mode="s"``; multi-step in ``"m"``."""
+    return "hidden" if getattr(m, "step_mode", "s") == "s" else None
+
+
 for _cls, _dyn in ((_sjn.LIFNode, lif_dynamics), (_sjn.ParametricLIFNode, plif_dynamics), (_sjn.IFNode, if_dynamics),
                    (_sjn.SimpleLIFNode, lif_dynamics), (_sjn.SimpleIFNode, if_dynamics)):
-    register(_cls, _exact(_cls, _dyn), reset, kernel=_kernel(_cls, _dyn))
+    register(_cls, _exact(_cls, _dyn), reset, kernel=_kernel(_cls, _dyn), step=step)
