@@ -66,7 +66,8 @@ class _Run:
                 raise OsbcError(f"method {method!r} needs calibration data: pass calib=[N, T, ...] inputs")
             self.xs: list[Tensor] = []
         else:
-            self.xs = list(batches(calib, cfg.batch_size))
+            self.xs = list(batches(calib, cfg.batch_size, max_samples=cfg.calib_samples, time_first=cfg.time_first,
+                                   time_steps=cfg.time_steps))
             if not self.xs or sum(x.shape[1] for x in self.xs) == 0:
                 raise OsbcError("the calibration set is empty: pass at least one sample")
             if len({x.shape[0] for x in self.xs}) > 1 or len({x.shape[2:] for x in self.xs}) > 1:
@@ -84,7 +85,7 @@ class _Run:
             sample = self.xs[0][:, :min(2, self.xs[0].shape[1])].to(self.device)
         else:
             raise OsbcError(f"{method!r} needs one input batch to find the layers: pass calib")
-        self.targets = find_modules(self.model, sample, cfg.include, cfg.exclude)
+        self.targets = find_modules(self.model, sample, cfg.include, cfg.exclude, step_fn=cfg.step_fn)
         for t in self.targets:
             if not torch.isfinite(t.layer.weight).all():
                 raise OsbcError(f"{t.name}: weights contain NaN or Inf; fix the model before compressing")
@@ -322,18 +323,20 @@ def quantize(model: nn.Module, calib, bits: int | None = None, *, config: QuantC
     return run.execute(solve)
 
 
-def inspect(model: nn.Module, calib, include=None, exclude=None, device=None) -> list[Target]:
-    """The compressible modules of ``model`` (weight layer, BatchNorm, neuron, kernel), found by
-    running the first calibration batch."""
+def inspect(model: nn.Module, calib, include=None, exclude=None, device=None, *, time_first=None,
+            time_steps=None, step_fn=None) -> list[Target]:
+    """The compressible modules of ``model`` (weight layer, BatchNorm, neuron, kernel, and how the
+    model is driven: ``target.driver``), found by running the first calibration batch. The keyword
+    options are those of :class:`osbc.PruneConfig`."""
     dev = resolve_device(device)
     try:
-        x = next(iter(batches(calib, 2)))
+        x = next(iter(batches(calib, 2, time_first=time_first, time_steps=time_steps)))
     except StopIteration:
         raise OsbcError("the calibration set is empty: pass at least one sample") from None
     reset(model)
     home = next((p.device for p in model.parameters()), torch.device("cpu"))
     model.to(dev)
     try:
-        return find_modules(model, x[:, :2].to(dev), include, exclude)
+        return find_modules(model, x[:, :2].to(dev), include, exclude, step_fn=step_fn)
     finally:
         model.to(home)

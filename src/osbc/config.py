@@ -53,7 +53,13 @@ class CompressConfig:
     diagonal, in [0, 1); include, exclude: glob patterns on module names; batch_size: calibration
     samples per forward pass; max_kernel_groups: most Hessians per layer with per-neuron kernels
     (clustered beyond); device: where to compute (None: CUDA if available); seed: for every random
-    choice; inplace: modify the given model; verbose: progress bars."""
+    choice; inplace: modify the given model; verbose: progress bars. How the calibration data is read
+    and the model driven (checked where they are used, :func:`osbc.drive.batches` and
+    :func:`osbc.trace.find_modules`): calib_samples: use at most this many samples (a DataLoader is
+    not read further); time_first: the data is ``[T, N, ...]`` (tonic's ``PadTensors(batch_first=False)``;
+    None: detected from the labels where it can be, else an error); time_steps: the samples are static
+    frames ``[N, ...]`` to repeat this many times; step_fn: ``(model, x_t, state) -> (output, state)``
+    for a model osbc cannot drive by itself (single-step models are detected without it)."""
 
     method: str = "osbc"
     solver: str = "auto"
@@ -67,6 +73,10 @@ class CompressConfig:
     seed: int = 0
     inplace: bool = False
     verbose: bool = True
+    calib_samples: object = None
+    time_first: object = None
+    time_steps: object = None
+    step_fn: object = None
 
     METHODS = ()
     SOLVERS = SOLVERS
