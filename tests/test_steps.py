@@ -376,3 +376,16 @@ def test_max_samples_stops_consuming_the_loader():
     for bad in (dict(max_samples=0), dict(time_steps=-1), dict(time_first="yes"), dict(time_steps=3, time_first=True)):
         with pytest.raises(OsbcError):
             next(batches(torch.zeros(4, T, 3), **bad))
+
+
+@pytest.mark.parametrize("lib", sorted(SINGLE_STEP))
+def test_evaluate_drives_single_step_models_like_their_loop(lib):
+    build, loop, _, _ = SINGLE_STEP[lib]
+    net = build()
+    x = spikes(N, T, 1, 8, 8, rate=0.4, seed=3)              # [N, T, 1, 8, 8]
+    y = torch.arange(N) % 5
+    with torch.no_grad():
+        rates = loop(net, x.transpose(0, 1)).float().mean(0)   # the user's own loop
+    ev = osbc.evaluate(net, (x, y), batch_size=5, stats=False)
+    assert ev.samples == N
+    assert ev.accuracy == pytest.approx(float((rates.argmax(-1) == y).float().mean()))

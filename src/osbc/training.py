@@ -13,6 +13,7 @@ Accepted data: a torch ``Dataset`` of ``(frames, label)``, a ``DataLoader`` (or 
 
 from __future__ import annotations
 
+import itertools
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Callable, Iterable
@@ -42,7 +43,7 @@ def batches(data, batch_size: int = 64, shuffle: bool = False, seed: int = 0, dr
         data = TensorDataset(*data)
     if isinstance(data, Dataset):
         if len(data) == 0:
-            raise ValueError("the data set is empty")
+            raise OsbcError("the data set is empty")
         g = torch.Generator()
         g.manual_seed(int(seed))
         return DataLoader(data, batch_size=batch_size, shuffle=shuffle, generator=g, drop_last=drop_last,
@@ -68,13 +69,17 @@ def _first(out):
     return out[0] if isinstance(out, (tuple, list)) and len(out) else out
 
 
-def predict(model: nn.Module, x: Tensor) -> Tensor:
+def predict(model: nn.Module, x: Tensor, driver=None) -> Tensor:
     """Run ``model`` on a ``[B, T, ...]`` batch (state reset first); returns the time-mean output
     ``[B, classes]`` (the firing rates). The model gets ``[T, B, ...]`` and returns ``[T, B, classes]``,
-    or a tuple / list whose first element is that tensor."""
-    snn.reset(model)
-    out = _first(model(_time_first(x)))
-    snn.reset(model)
+    or a tuple / list whose first element is that tensor; or, with a ``driver``
+    (:class:`osbc.drive.Driver`, e.g. a single-step model's loop), is run the driver's way."""
+    if driver is not None:
+        out = _first(driver(model, _time_first(x)))
+    else:
+        snn.reset(model)
+        out = _first(model(_time_first(x)))
+        snn.reset(model)
     if not isinstance(out, Tensor) or out.dim() != 3 or out.shape[1] != x.shape[0]:
         got = tuple(out.shape) if isinstance(out, Tensor) else type(out).__name__
         raise OsbcError(f"{type(model).__name__} returned {got} for a batch of {x.shape[0]}; a model must return "
@@ -109,7 +114,7 @@ def _loss_fn(kind: str, classes: int, ce_scale: float) -> Callable[[Tensor, Tens
         return lambda rate, y: F.mse_loss(rate, F.one_hot(y, classes).to(rate.dtype))
     if kind == "ce":
         return lambda rate, y: F.cross_entropy(rate * ce_scale, y)
-    raise ValueError(f"loss must be 'mse' or 'ce', got {kind!r}")
+    raise OsbcError(f"loss must be 'mse' or 'ce', got {kind!r}")
 
 
 def train(model: nn.Module, train_data, val_data=None, *, epochs: int = 10, batch_size: int = 64,
@@ -132,11 +137,11 @@ def train(model: nn.Module, train_data, val_data=None, *, epochs: int = 10, batc
     ``threads`` fixes that count during training (:func:`pinned_threads`; ``None`` keeps torch's,
     which defaults to the number of cores)."""
     if epochs < 1:
-        raise ValueError(f"epochs must be >= 1, got {epochs}")
+        raise OsbcError(f"epochs must be >= 1, got {epochs}")
     if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        raise OsbcError(f"batch_size must be >= 1, got {batch_size}")
     if not lr > 0:
-        raise ValueError(f"lr must be > 0, got {lr}")
+        raise OsbcError(f"lr must be > 0, got {lr}")
     if threads is not None and threads < 1:
         raise OsbcError(f"threads must be >= 1 (or None for torch's setting), got {threads}")
     dev = resolve_device(device)
@@ -169,7 +174,7 @@ def train(model: nn.Module, train_data, val_data=None, *, epochs: int = 10, batc
             for batch in bar:
                 x, y = _split(batch)
                 if y is None:
-                    raise ValueError("training needs labelled batches (x, y)")
+                    raise OsbcError("training needs labelled batches (x, y)")
                 x, y = x.to(dev, non_blocking=True).float(), y.to(dev, non_blocking=True).long()
                 snn.reset(model)
                 with torch.autocast("cuda", dtype=torch.float16, enabled=use_amp):
@@ -301,9 +306,15 @@ def _pick(d: dict, keys, default):
 
 @torch.no_grad()
 def evaluate(model: nn.Module, data, *, batch_size: int = 128, device: str | torch.device | None = None,
-             stats: bool = True, max_samples: int | None = None, progress: bool = False) -> Evaluation:
+             stats: bool = True, max_samples: int | None = None, progress: bool = False,
+             step_fn=None) -> Evaluation:
     """Accuracy of ``model`` on ``data`` and, with ``stats=True``, per-layer firing rates, synaptic
     operations, weight sparsity and model size (see :class:`Evaluation`).
+
+    The model is driven as :func:`osbc.prune` drives it (:mod:`osbc.drive`, found on the first
+    batch): single-step models (snntorch ``init_hidden``, spikingjelly ``step_mode="s"``, norse
+    ``*Cell`` stacks) get the loop over time from osbc, or from ``step_fn(model, x_t, state) ->
+    (output, state)``.
 
     The model is called time first on each batch, ``model(x [T, B, ...])``, after a state reset, and
     returns ``[T, B, classes]`` or a tuple / list whose first element is that tensor (see
@@ -313,9 +324,17 @@ def evaluate(model: nn.Module, data, *, batch_size: int = 128, device: str | tor
     element when it returns a tuple (snntorch's ``(spk, mem)``, norse's ``(z, state)``)."""
     from . import neurons
 
+    from .trace import trace
+
     dev = resolve_device(device) if not isinstance(device, torch.device) else device
     was_training = model.training
     model.to(dev).eval()
+    stream = iter(batches(data, batch_size))
+    first = next(stream, None)
+    if first is None:
+        raise OsbcError("no samples to evaluate")
+    x0, _ = _split(first)
+    driver = trace(model, _time_first(x0[:2].to(dev).float()), step_fn).driver
     hooks = []
     # Counters stay on the device (float64, so sums add up as exactly as Python floats would):
     # snntorch models call each neuron once per time step, and a .item() per call would sync each time.
@@ -348,15 +367,15 @@ def evaluate(model: nn.Module, data, *, batch_size: int = 128, device: str | tor
     from tqdm.auto import tqdm
 
     try:
-        for batch in tqdm(batches(data, batch_size), desc="eval", leave=False, disable=not progress):
+        for batch in tqdm(itertools.chain([first], stream), desc="eval", leave=False, disable=not progress):
             x, y = _split(batch)
             if y is None:
-                raise ValueError("evaluation needs labelled batches (x, y)")
+                raise OsbcError("evaluation needs labelled batches (x, y)")
             if max_samples is not None and n >= max_samples:
                 break
             if max_samples is not None and n + x.shape[0] > max_samples:
                 x, y = x[: max_samples - n], y[: max_samples - n]
-            rate = predict(model, x.to(dev).float())
+            rate = predict(model, x.to(dev).float(), driver)
             correct += (rate.argmax(-1).cpu() == y.long().cpu()).sum().item()
             n += x.shape[0]
     finally:
@@ -365,7 +384,7 @@ def evaluate(model: nn.Module, data, *, batch_size: int = 128, device: str | tor
         snn.reset(model)
         model.train(was_training)
     if n == 0:
-        raise ValueError("no samples to evaluate")
+        raise OsbcError("no samples to evaluate")
     ev = Evaluation(accuracy=correct / n, samples=n, seconds=time.time() - t0)
     if stats:
         # Neurons that never ran, and those whose output is not 0/1 spikes (leaky-integrator readouts
