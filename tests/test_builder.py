@@ -271,3 +271,13 @@ def test_cli_finds_the_builder_in_the_current_folder(nets, tmp_path, digits, cap
     code, out, err = inproc(capsys, "info", "--model", path, *spec, "--frames", T)
     assert code == 0, err
     assert "model cwd_nets:sj_mlp" in out and "2 compressible modules" in out
+
+
+def test_cli_export_nir_of_a_builder_checkpoint(nets, tmp_path, digits, capsys):
+    pytest.importorskip("nir")
+    path = save(pruned("sj_mlp", {"hidden": 8}), tmp_path / "sj.safetensors", in_shape=SHAPE)
+    code, out, err = inproc(capsys, "export-nir", "--model", path, "--trust-builder", "-o", tmp_path / "sj.nir")
+    assert code == 0, err
+    assert "LIF" in out and (tmp_path / "sj.nir").exists()
+    code, out, err = inproc(capsys, "info", "--arch", "nmnist_mlp", "--builder", f"{MOD}:sj_mlp")
+    assert code == 1 and err.count("\n") == 1 and "with --arch use --arch-arg" in err

@@ -35,6 +35,9 @@ def run(args: argparse.Namespace) -> int:
     else:
         from .. import models
 
+        if args.builder or args.builder_arg or args.trust_builder:
+            raise OsbcError("--builder, --builder-arg and --trust-builder build the model of a --model file; "
+                            "with --arch use --arch-arg")
         model = C.build_model(args.arch, dict(args.arch_arg))
         cfg = dict(models.config_of(model))
     frames = args.frames or cfg.get("frames") or DEFAULT_FRAMES.get(cfg.get("data") or "digits", 10)
