@@ -4,6 +4,7 @@ import torch
 from torch import nn
 
 import osbc
+import osbc.drive
 from osbc import snn
 from osbc.errors import OsbcError
 
@@ -47,3 +48,15 @@ def test_static_frames_repeat_over_time_steps():
     b = osbc.quantize(_mlp(), X[:, None].expand(-1, 5, -1).contiguous(), 4, verbose=False)
     for p, q in zip(a.model.parameters(), b.model.parameters()):
         assert torch.equal(p, q)
+
+
+def test_calibration_from_a_dataset_or_a_labelled_pair():
+    """One batching serves training and calibration: a Dataset of (x [T, ...], y) samples and an
+    (X, y) pair are read like the tensor X."""
+    X = _spikes(20)
+    y = torch.arange(20) % 4
+    ref = list(osbc.drive.batches(X, 8))
+    for data in (torch.utils.data.TensorDataset(X, y), (X, y)):
+        got = list(osbc.drive.batches(data, 8))
+        assert [g.shape for g in got] == [r.shape for r in ref]
+        assert all(torch.equal(g, r) for g, r in zip(got, ref))

@@ -22,10 +22,11 @@ from __future__ import annotations
 
 import inspect
 from dataclasses import dataclass
-from typing import Callable, Iterator
+from typing import Callable, Iterable, Iterator
 
 import torch
 from torch import Tensor, nn
+from torch.utils.data import DataLoader, Dataset, TensorDataset
 
 from . import neurons
 from .errors import OsbcError
@@ -122,6 +123,30 @@ def step_driver(model: nn.Module) -> Driver:
     return Driver("state" if passed and len(params) >= 2 else "step")
 
 
+def labelled_batches(data, batch_size: int = 64, shuffle: bool = False, seed: int = 0, drop_last: bool = False,
+            num_workers: int = 0) -> Iterable:
+    """An iterable of ``(x [B, T, ...], y [B])`` batches from a Dataset (of ``(x [T, ...], y)``
+    samples), a pair of tensors ``(X, y)``, a DataLoader or any iterable of batches (passed through).
+    Training and evaluation read their data this way, and :func:`batches` reads calibration data
+    given in any of these forms."""
+    if isinstance(data, DataLoader):
+        return data
+    if (isinstance(data, (tuple, list)) and len(data) == 2 and all(isinstance(t, Tensor) for t in data)
+            and data[1].dim() == 1 and len(data[0]) == len(data[1])):   # (X, y), not a list of two batches
+        data = TensorDataset(*data)
+    if isinstance(data, Dataset):
+        if len(data) == 0:
+            raise OsbcError("the data set is empty")
+        g = torch.Generator()
+        g.manual_seed(int(seed))
+        return DataLoader(data, batch_size=batch_size, shuffle=shuffle, generator=g, drop_last=drop_last,
+                          num_workers=num_workers)
+    if isinstance(data, Iterable):
+        return data
+    raise OsbcError(f"cannot iterate batches from {type(data).__name__}: pass a Dataset, (X, y) tensors "
+                    "or a DataLoader")
+
+
 def _positive(name: str, v) -> None:
     if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
         raise OsbcError(f"{name} must be a positive integer or None, got {v!r}")
@@ -157,11 +182,10 @@ def batches(calib, batch_size: int = 32, *, max_samples: int | None = None, time
             raise OsbcError(f"calibration tensor must be {layout}, got shape {tuple(calib.shape)}")
         items: Iterator = iter(calib.split(batch_size, dim=1 if time_first else 0))
     else:
-        try:
-            items = iter(calib)
-        except TypeError:
+        if not isinstance(calib, (Dataset, Iterable)):
             raise OsbcError(f"calib must be a tensor {layout} or an iterable of batches, "
                             f"got {type(calib).__name__}") from None
+        items = iter(labelled_batches(calib, batch_size))
     left = max_samples
     for item in items:
         x, y = (item[0], item[1] if len(item) > 1 else None) if isinstance(item, (tuple, list)) else (item, None)

@@ -16,42 +16,23 @@ from __future__ import annotations
 import itertools
 import time
 from dataclasses import asdict, dataclass, field
-from typing import Callable, Iterable
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.utils.data import DataLoader, Dataset, TensorDataset
 
 from . import snn
+from .drive import labelled_batches
 from .device import pinned_threads, resolve_device  # noqa: F401 - pinned_threads: public here too
 from .errors import OsbcError
 from .layers import is_weight_layer
 
-__all__ = ["train", "evaluate", "TrainResult", "Evaluation", "batches", "predict", "weight_layers",
+__all__ = ["train", "evaluate", "TrainResult", "Evaluation", "predict", "weight_layers",
            "pinned_threads"]
 
 
 # ---- data plumbing ----------------------------------------------------------------------------
-
-def batches(data, batch_size: int = 64, shuffle: bool = False, seed: int = 0, drop_last: bool = False,
-            num_workers: int = 0) -> Iterable:
-    """An iterable of ``(x [B, T, ...], y [B])`` batches from any accepted form of ``data``."""
-    if isinstance(data, DataLoader):
-        return data
-    if isinstance(data, (tuple, list)) and len(data) == 2 and all(isinstance(t, Tensor) for t in data):
-        data = TensorDataset(*data)
-    if isinstance(data, Dataset):
-        if len(data) == 0:
-            raise OsbcError("the data set is empty")
-        g = torch.Generator()
-        g.manual_seed(int(seed))
-        return DataLoader(data, batch_size=batch_size, shuffle=shuffle, generator=g, drop_last=drop_last,
-                          num_workers=num_workers)
-    if isinstance(data, Iterable):
-        return data
-    raise TypeError(f"cannot iterate batches from {type(data).__name__}")
-
 
 def _split(batch) -> tuple[Tensor, Tensor | None]:
     if isinstance(batch, (tuple, list)):
@@ -148,7 +129,7 @@ def train(model: nn.Module, train_data, val_data=None, *, epochs: int = 10, batc
     use_amp = (dev.type == "cuda") if amp is None else bool(amp and dev.type == "cuda")
     torch.manual_seed(seed)
     model.to(dev)
-    loader = batches(train_data, batch_size, shuffle=True, seed=seed, drop_last=False, num_workers=num_workers)
+    loader = labelled_batches(train_data, batch_size, shuffle=True, seed=seed, drop_last=False, num_workers=num_workers)
     try:
         steps = len(loader)
     except TypeError:
@@ -329,7 +310,7 @@ def evaluate(model: nn.Module, data, *, batch_size: int = 128, device: str | tor
     dev = resolve_device(device) if not isinstance(device, torch.device) else device
     was_training = model.training
     model.to(dev).eval()
-    stream = iter(batches(data, batch_size))
+    stream = iter(labelled_batches(data, batch_size))
     first = next(stream, None)
     if first is None:
         raise OsbcError("no samples to evaluate")
