@@ -88,15 +88,30 @@ def test_quantized_weights_lie_on_a_per_row_grid(calib, solver):
         assert codes.abs().max() <= 3 + 1e-4
 
 
-def test_joint_prune_then_quantize_keeps_zeros(calib):
-    pruned = osbc.prune(trained_like_mlp(), calib, sparsity=0.9, verbose=False).model
+@pytest.mark.parametrize("sparsity", [0.9, 0.97])
+def test_restricted_solver_hits_sparsity_at_most_fast_error(calib, sparsity):
+    """The restricted greedy removes exactly the requested count per layer (uniform), and its
+    membrane error is at most the SparseGPT sweep's (it sits between fast and exact)."""
+    res = {s: osbc.prune(trained_like_mlp(), calib, sparsity=sparsity, solver=s, allocation="uniform",
+                         verbose=False) for s in ("restricted", "fast")}
+    r = res["restricted"]
+    for name in ("fc1", "fc2"):
+        w = getattr(r.model, name).weight
+        assert int((w == 0).sum()) == round(sparsity * w.numel())
+    assert [l.solver for l in r.report] == ["restricted", "restricted"]
+    assert total_membrane_error(r) <= total_membrane_error(res["fast"])
+
+
+@pytest.mark.parametrize("solver", ["auto", "restricted"])
+def test_joint_prune_then_quantize_keeps_zeros(calib, solver):
+    pruned = osbc.prune(trained_like_mlp(), calib, sparsity=0.9, solver=solver, verbose=False).model
     zeros = pruned.fc1.weight == 0
     q = osbc.quantize(pruned, calib, bits=4, verbose=False).model
     assert torch.all(q.fc1.weight[zeros] == 0)
     assert zero_frac(q) >= 0.9 - 1e-9
 
 
-@pytest.mark.parametrize("solver", ["exact", "blocked", "fast"])
+@pytest.mark.parametrize("solver", ["exact", "blocked", "fast", "restricted"])
 def test_nm_pattern(calib, solver):
     res = osbc.prune(trained_like_mlp(), calib, nm="2:4", solver=solver, verbose=False)
     for name in ("fc1", "fc2"):
@@ -106,7 +121,7 @@ def test_nm_pattern(calib, solver):
 
 
 @pytest.mark.parametrize("method, solver", [("osbc", "exact"), ("osbc", "blocked"), ("obc", "fast"),
-                                            ("magnitude", "auto")])
+                                            ("osbc", "restricted"), ("magnitude", "auto")])
 def test_nm_pattern_on_inputs_not_a_multiple_of_m(method, solver):
     """18 inputs, 2:4: every group of 4 keeps at most 2 (the partial last group of 2 counts as
     padded), in all four solvers; before, the layer's budget round(0.5 R d) left some rows 3 of 4."""

@@ -219,7 +219,9 @@ def prune(model: nn.Module, calib, sparsity: float | None = None, *, config: Pru
             allocation: ``"uniform"``, ``"lamp"`` (power ``lamp_power``) or ``"global"`` (from the
             OBS losses, relative to each layer's membrane energy).
             solver: ``"exact"`` (greedy OBS, one weight per step), ``"blocked"`` (d/256 per step),
-            ``"fast"`` (SparseGPT column sweep) or ``"auto"`` (exact where it costs under ~a minute).
+            ``"fast"`` (SparseGPT column sweep), ``"restricted"`` (the exact greedy on a candidate
+            support 1.5x the kept one, found by forward selection: near-exact at 90-99%, far
+            faster) or ``"auto"`` (see ``_Run.resolve_solver``).
             calibration: ``"dense"`` or ``"sequential"``.
             nm: ``"2:4"``-style semi-structured pattern (keep N of every M consecutive inputs; a
             layer whose input count is not a multiple of M treats its last partial group as
@@ -276,6 +278,10 @@ def prune(model: nn.Module, calib, sparsity: float | None = None, *, config: Pru
             return solvers.prune_magnitude(w, s, nm=nm_t)[0], kind, None, ""
         if kind == "fast":
             return solvers.prune_sparsegpt(w, hs, s, nm=nm_t, damp=damp)[0], kind, None, ""
+        if kind == "restricted":   # like fast under allocation="global": the layer's count, not the path's
+            w2 = solvers.prune_restricted(w, hs, s, nm=nm_t, row_scale=run.row_scale(t), damp=damp,
+                                          progress=run.verbose)[0]
+            return w2, kind, None, ""
         w2, _, _ = solvers.prune_exact(w, hs, s, block=1 if kind == "exact" else max(1, d // 256), nm=nm_t,
                                        row_scale=run.row_scale(t), damp=damp, progress=run.verbose,
                                        path=cached_paths.get(t.name), counts=counts.get(t.name))
