@@ -233,3 +233,34 @@ def test_dead_inputs_and_silent_layers_never_give_nan():
 def test_inspect_lists_modules(calib):
     ts = osbc.inspect(trained_like_mlp(), calib)
     assert [t.name for t in ts] == ["fc1", "fc2"]
+
+
+@pytest.mark.parametrize("R, d, sparsity, kw, want", [
+    (64, 200, 0.97, {}, "exact"),                          # small layer: exact is affordable
+    (256, 2312, 0.97, {}, "exact"),                        # the digits MLP's first layer: ~21 s estimated
+    (512, 4608, 0.97, {}, "restricted"),                   # exact ~330 s, restricted ~36 s
+    (512, 4608, 0.99, {}, "restricted"),
+    (512, 4608, 0.97, dict(device_type="cuda"), "exact"),  # 50x the throughput: exact again
+    (512, 4608, 0.8, {}, "fast"),                          # low sparsity: exact or fast only
+    (512, 4608, 0.97, dict(nm=True), "fast"),              # N:M: restricted would run exact itself
+    (512, 4608, 1.0, dict(pruning=False), "fast"),         # quantization has no restricted solver
+    (512, 8192, 0.97, {}, "fast"),                         # restricted too ~190 s
+])
+def test_auto_solver_rule(R, d, sparsity, kw, want):
+    from osbc.compress import auto_solver
+    assert auto_solver(R, d, sparsity, **kw) == want
+
+
+def test_auto_resolves_to_restricted_where_exact_is_too_slow(calib, monkeypatch):
+    """With the exact solver's estimated time pushed over the limit (a 10^-8 throughput), the
+    layers at 97% go to restricted, the 2:4 ones to fast, and the result is restricted's own."""
+    from osbc import compress
+    monkeypatch.setitem(compress._FLOPS, "cpu", 1e3)
+    monkeypatch.setattr(compress, "_RESTRICTED_COST", 1e-6)
+    kw = dict(sparsity=0.97, allocation="uniform", device="cpu", verbose=False)
+    auto = osbc.prune(trained_like_mlp(), calib, solver="auto", **kw)
+    assert [l.solver for l in auto.report] == ["restricted", "restricted"]
+    ref = osbc.prune(trained_like_mlp(), calib, solver="restricted", **kw)
+    assert all(torch.equal(a, b) for a, b in zip(auto.model.state_dict().values(), ref.model.state_dict().values()))
+    nm = osbc.prune(trained_like_mlp(), calib, nm="2:4", solver="auto", device="cpu", verbose=False)
+    assert [l.solver for l in nm.report] == ["fast", "fast"]
