@@ -82,7 +82,7 @@ def digits_layer(cache: str, epochs: int, seed: int = 0):
     import osbc.models
     from osbc.compress import inspect
     from osbc.data import load_dataset
-    from osbc.discover import Recorder, batches
+    from osbc.trace import Recorder, batches
     from osbc.hessian import HessianAccumulator
     from osbc.training import train
     tr = load_dataset("digits", train=True, frames=20)

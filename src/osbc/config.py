@@ -48,8 +48,8 @@ class CompressConfig:
 
     method: the objective (see PruneConfig / QuantConfig); solver: ``"auto"`` (exact where it costs
     under ~a minute per layer, else restricted (pruning at >= 90%) where that does, else fast:
-    ``osbc.compress.auto_solver``), ``"exact"``, ``"fast"`` (and ``"blocked"``, ``"restricted"`` for pruning); calibration:
-    ``"dense"`` (every layer sees the dense model's inputs, one pass) or ``"sequential"`` (each
+    ``osbc.compress.auto_solver``), ``"exact"``, ``"fast"`` (and ``"blocked"``, ``"restricted"``
+    for pruning); calibration: ``"dense"`` (every layer sees the dense model's inputs, one pass) or ``"sequential"`` (each
     layer sees the already compressed layers' outputs); damp: Hessian damping relative to its mean
     diagonal, in [0, 1); include, exclude: glob patterns on module names; batch_size: calibration
     samples per forward pass; max_kernel_groups: most Hessians per layer with per-neuron kernels
