@@ -1,5 +1,5 @@
 """Accuracy-vs-time frontier of the pruning solvers: exact greedy, SparseGPT sweep, restricted greedy
-(osbc.support.prune_restricted: "forward1.5" = forward-selection candidates, |C| = 1.5 x kept).
+(osbc.solvers.prune_restricted: "forward1.5" = forward-selection candidates, |C| = 1.5 x kept).
 
 For each shape and sparsity: the relative membrane error sum_r dw_r^T H dw_r / sum_r w_r^T H w_r
 of each solver, its ratio to the exact greedy's, seconds and peak memory above the start (CPU:
@@ -82,7 +82,7 @@ def digits_layer(cache: str, epochs: int, seed: int = 0):
     import osbc.models
     from osbc.compress import inspect
     from osbc.data import load_dataset
-    from osbc.discover import Recorder, batches
+    from osbc.trace import Recorder, batches
     from osbc.hessian import HessianAccumulator
     from osbc.training import train
     tr = load_dataset("digits", train=True, frames=20)
@@ -111,7 +111,7 @@ def membrane_error(W, W1, H) -> float:
 def solvers(variants):
     """exact, fast, and prune_restricted per "candidates:widen" variant."""
     from osbc import solvers as S
-    from osbc.support import prune_restricted
+    from osbc.solvers import prune_restricted
     out = {"exact": lambda W, H, s: S.prune_exact(W, H, s)[0],
            "fast": lambda W, H, s: S.prune_sparsegpt(W, H, s)[0]}
     for v in variants:

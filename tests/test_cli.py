@@ -375,7 +375,7 @@ def layer_sparsity(w):
     return float((w == 0).float().mean())
 
 
-@pytest.mark.parametrize("solver", ["exact", "blocked", "auto"])
+@pytest.mark.parametrize("solver", ["exact", "blocked", "restricted", "auto"])
 def test_prune_solvers(ckpt, root, capsys, tmp_path, solver):
     r, m = compress(capsys, tmp_path, ckpt, root, "prune", "--sparsity", "0.8", "--solver", solver,
                     "--allocation", "uniform", "--no-eval")

@@ -88,15 +88,30 @@ def test_quantized_weights_lie_on_a_per_row_grid(calib, solver):
         assert codes.abs().max() <= 3 + 1e-4
 
 
-def test_joint_prune_then_quantize_keeps_zeros(calib):
-    pruned = osbc.prune(trained_like_mlp(), calib, sparsity=0.9, verbose=False).model
+@pytest.mark.parametrize("sparsity", [0.9, 0.97])
+def test_restricted_solver_hits_sparsity_at_most_fast_error(calib, sparsity):
+    """The restricted greedy removes exactly the requested count per layer (uniform), and its
+    membrane error is at most the SparseGPT sweep's (it sits between fast and exact)."""
+    res = {s: osbc.prune(trained_like_mlp(), calib, sparsity=sparsity, solver=s, allocation="uniform",
+                         verbose=False) for s in ("restricted", "fast")}
+    r = res["restricted"]
+    for name in ("fc1", "fc2"):
+        w = getattr(r.model, name).weight
+        assert int((w == 0).sum()) == round(sparsity * w.numel())
+    assert [l.solver for l in r.report] == ["restricted", "restricted"]
+    assert total_membrane_error(r) <= total_membrane_error(res["fast"])
+
+
+@pytest.mark.parametrize("solver", ["auto", "restricted"])
+def test_joint_prune_then_quantize_keeps_zeros(calib, solver):
+    pruned = osbc.prune(trained_like_mlp(), calib, sparsity=0.9, solver=solver, verbose=False).model
     zeros = pruned.fc1.weight == 0
     q = osbc.quantize(pruned, calib, bits=4, verbose=False).model
     assert torch.all(q.fc1.weight[zeros] == 0)
     assert zero_frac(q) >= 0.9 - 1e-9
 
 
-@pytest.mark.parametrize("solver", ["exact", "blocked", "fast"])
+@pytest.mark.parametrize("solver", ["exact", "blocked", "fast", "restricted"])
 def test_nm_pattern(calib, solver):
     res = osbc.prune(trained_like_mlp(), calib, nm="2:4", solver=solver, verbose=False)
     for name in ("fc1", "fc2"):
@@ -106,7 +121,7 @@ def test_nm_pattern(calib, solver):
 
 
 @pytest.mark.parametrize("method, solver", [("osbc", "exact"), ("osbc", "blocked"), ("obc", "fast"),
-                                            ("magnitude", "auto")])
+                                            ("osbc", "restricted"), ("magnitude", "auto")])
 def test_nm_pattern_on_inputs_not_a_multiple_of_m(method, solver):
     """18 inputs, 2:4: every group of 4 keeps at most 2 (the partial last group of 2 counts as
     padded), in all four solvers; before, the layer's budget round(0.5 R d) left some rows 3 of 4."""
@@ -218,3 +233,34 @@ def test_dead_inputs_and_silent_layers_never_give_nan():
 def test_inspect_lists_modules(calib):
     ts = osbc.inspect(trained_like_mlp(), calib)
     assert [t.name for t in ts] == ["fc1", "fc2"]
+
+
+@pytest.mark.parametrize("R, d, sparsity, kw, want", [
+    (64, 200, 0.97, {}, "exact"),                          # small layer: exact is affordable
+    (256, 2312, 0.97, {}, "exact"),                        # the digits MLP's first layer: ~21 s estimated
+    (512, 4608, 0.97, {}, "restricted"),                   # exact ~330 s, restricted ~36 s
+    (512, 4608, 0.99, {}, "restricted"),
+    (512, 4608, 0.97, dict(device_type="cuda"), "exact"),  # 50x the throughput: exact again
+    (512, 4608, 0.8, {}, "fast"),                          # low sparsity: exact or fast only
+    (512, 4608, 0.97, dict(nm=True), "fast"),              # N:M: restricted would run exact itself
+    (512, 4608, 1.0, dict(pruning=False), "fast"),         # quantization has no restricted solver
+    (512, 8192, 0.97, {}, "fast"),                         # restricted too ~190 s
+])
+def test_auto_solver_rule(R, d, sparsity, kw, want):
+    from osbc.compress import auto_solver
+    assert auto_solver(R, d, sparsity, **kw) == want
+
+
+def test_auto_resolves_to_restricted_where_exact_is_too_slow(calib, monkeypatch):
+    """With the exact solver's estimated time pushed over the limit (a 10^-8 throughput), the
+    layers at 97% go to restricted, the 2:4 ones to fast, and the result is restricted's own."""
+    from osbc import compress
+    monkeypatch.setitem(compress._FLOPS, "cpu", 1e3)
+    monkeypatch.setattr(compress, "_RESTRICTED_COST", 1e-6)
+    kw = dict(sparsity=0.97, allocation="uniform", device="cpu", verbose=False)
+    auto = osbc.prune(trained_like_mlp(), calib, solver="auto", **kw)
+    assert [l.solver for l in auto.report] == ["restricted", "restricted"]
+    ref = osbc.prune(trained_like_mlp(), calib, solver="restricted", **kw)
+    assert all(torch.equal(a, b) for a, b in zip(auto.model.state_dict().values(), ref.model.state_dict().values()))
+    nm = osbc.prune(trained_like_mlp(), calib, nm="2:4", solver="auto", device="cpu", verbose=False)
+    assert [l.solver for l in nm.report] == ["fast", "fast"]

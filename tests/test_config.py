@@ -36,7 +36,7 @@ def test_prune_config_rejects(kwargs, match):
 
 @pytest.mark.parametrize("kwargs, match", [
     (dict(bits=1), "bits"), (dict(bits=4.0), "bits"), (dict(bits=True), "bits"), (dict(per="row"), "per"),
-    (dict(solver="blocked"), "pruning"), (dict(method="magnitude"), "method"),
+    (dict(solver="blocked"), "pruning"), (dict(solver="restricted"), "pruning"), (dict(method="magnitude"), "method"),
 ])
 def test_quant_config_rejects(kwargs, match):
     with pytest.raises(OsbcError, match=match):
@@ -52,7 +52,8 @@ def test_nm_is_parsed_and_fixes_the_sparsity():
 def test_configs_are_frozen_and_choices_shared():
     with pytest.raises(dataclasses.FrozenInstanceError):
         PruneConfig().sparsity = 0.5
-    assert "blocked" not in QUANT_SOLVERS
+    assert "blocked" not in QUANT_SOLVERS and "restricted" not in QUANT_SOLVERS
+    assert "restricted" in SOLVERS
     from osbc.cli import options   # the CLI offers exactly the config's choices
     assert (options.PRUNE_METHODS, options.SOLVERS) == (PRUNE_METHODS, SOLVERS)
 

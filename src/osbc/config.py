@@ -17,8 +17,8 @@ __all__ = ["PruneConfig", "QuantConfig", "PRUNE_METHODS", "QUANT_METHODS", "SOLV
 
 PRUNE_METHODS = ("osbc", "obc", "magnitude")
 QUANT_METHODS = ("osbc", "obc", "rtn")
-SOLVERS = ("auto", "exact", "blocked", "fast")
-QUANT_SOLVERS = ("auto", "exact", "fast")       # "blocked" is pruning's
+SOLVERS = ("auto", "exact", "blocked", "fast", "restricted")
+QUANT_SOLVERS = ("auto", "exact", "fast")       # "blocked" and "restricted" are pruning's
 CALIBRATIONS = ("dense", "sequential")
 ALLOCATIONS = ("uniform", "lamp", "global")
 GRIDS = ("channel", "layer")                    # quantize's per=
@@ -47,8 +47,9 @@ class CompressConfig:
     """Settings shared by pruning and quantization.
 
     method: the objective (see PruneConfig / QuantConfig); solver: ``"auto"`` (exact where it costs
-    under ~a minute), ``"exact"``, ``"fast"`` (and ``"blocked"`` for pruning); calibration:
-    ``"dense"`` (every layer sees the dense model's inputs, one pass) or ``"sequential"`` (each
+    under ~a minute per layer, else restricted (pruning at >= 90%) where that does, else fast:
+    ``osbc.compress.auto_solver``), ``"exact"``, ``"fast"`` (and ``"blocked"``, ``"restricted"``
+    for pruning); calibration: ``"dense"`` (every layer sees the dense model's inputs, one pass) or ``"sequential"`` (each
     layer sees the already compressed layers' outputs); damp: Hessian damping relative to its mean
     diagonal, in [0, 1); include, exclude: glob patterns on module names; batch_size: calibration
     samples per forward pass; max_kernel_groups: most Hessians per layer with per-neuron kernels
@@ -123,7 +124,8 @@ class PruneConfig(CompressConfig):
     sparsity is shared among layers, ``"uniform"``, ``"lamp"`` (power ``lamp_power``) or
     ``"global"`` (from the OBS losses); ``nm``: ``"2:4"``-style pattern, keep N of every M
     consecutive inputs (stored as a tuple); ``solver``: ``"exact"`` (greedy OBS, one weight per
-    step), ``"blocked"`` (d/256 per step), ``"fast"`` (SparseGPT) or ``"auto"``."""
+    step), ``"blocked"`` (d/256 per step), ``"fast"`` (SparseGPT), ``"restricted"`` (the exact
+    greedy on a forward-selected candidate support 1.5x the kept one) or ``"auto"``."""
 
     sparsity: float = 0.97
     allocation: str = "lamp"
@@ -165,8 +167,8 @@ class QuantConfig(CompressConfig):
     SOLVERS = QUANT_SOLVERS
 
     def __post_init__(self):
-        if self.solver == "blocked":
-            raise OsbcError("solver 'blocked' is for pruning; use 'exact', 'fast' or 'auto'")
+        if self.solver in ("blocked", "restricted"):
+            raise OsbcError(f"solver {self.solver!r} is for pruning; use 'exact', 'fast' or 'auto'")
         super().__post_init__()
         if isinstance(self.bits, bool) or not isinstance(self.bits, int) or not 2 <= self.bits <= 8:
             raise OsbcError(f"bits must be an integer in 2..8, got {self.bits!r}")

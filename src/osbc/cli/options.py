@@ -176,8 +176,11 @@ OPTIONS: dict[str, tuple[tuple[str, ...], dict[str, Any]]] = {
     "bits_list": (("--bits",), dict(type=listof(bits), default=None, help="comma list of bits, e.g. 8,4,3,2")),
     "solver": (("--solver",), dict(choices=SOLVERS, default="auto",
                                    help="exact: greedy ExactOBS / OBQ; blocked: prune d/256 weights per step "
-                                        "(pruning only); fast: SparseGPT / GPTQ column sweeps; auto: exact where "
-                                        "it costs under about a minute per layer, else fast")),
+                                        "(pruning only); fast: SparseGPT / GPTQ column sweeps; restricted: the exact "
+                                        "greedy on a forward-selected candidate support, near-exact at 90-99%% "
+                                        "sparsity and far faster (pruning only); auto: exact where it costs under "
+                                        "about a minute per layer, else restricted where that does (pruning at "
+                                        ">= 90%% sparsity), else fast")),
     "allocation": (("--allocation",), dict(choices=ALLOCATIONS, default="lamp",
                                            help="how the sparsity is shared among layers: lamp (the paper's), "
                                                 "uniform, or global (one OBS-loss threshold over all layers)")),

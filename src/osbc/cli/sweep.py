@@ -102,8 +102,8 @@ def plot_output(outdir: Path, name: str, rows: list[dict], dense_acc: float, tit
 def run(args: argparse.Namespace) -> int:
     if not args.sparsities and not args.bits:
         raise OsbcError("give --sparsities and/or --bits")
-    if args.solver == "blocked" and args.bits:
-        raise OsbcError("--solver blocked applies to pruning only; use it without --bits")
+    if args.solver in ("blocked", "restricted") and args.bits:
+        raise OsbcError(f"--solver {args.solver} applies to pruning only; use it without --bits")
     outdir = check_out_dir(args.out, args.force)
     jobs = grid(args.sparsities, args.bits, args.methods)
     if not jobs:

@@ -1,4 +1,4 @@
-"""The restricted greedy (osbc.support) against brute force, the exact greedy and the SparseGPT sweep."""
+"""The restricted greedy (osbc.solvers.restricted) against brute force, the exact greedy and the SparseGPT sweep."""
 
 import itertools
 
@@ -7,9 +7,9 @@ import pytest
 import torch
 
 from osbc import solvers as S
-from osbc import support
+from osbc.solvers import restricted as support
 from osbc.errors import OsbcError
-from osbc.support import prune_restricted
+from osbc.solvers import prune_restricted
 
 
 def np_damped(H, damp=0.01):
@@ -185,6 +185,20 @@ def test_nm_pattern():
     assert bool((keep.reshape(R, -1, 4).sum(2) >= 2).all())
     with pytest.raises(OsbcError):
         prune_restricted(W, H, 0.6, nm=(2, 4))
+
+
+def test_nm_partial_last_group():
+    """d = 66 with 2:4: the last group has 2 inputs, read as padded with zeros to 4, so it removes
+    max(0, 2 - 2) = 0 of them; the full pattern removes 16 * 2 = 32 per row (not 33)."""
+    R, d = 5, 66
+    H = spike_H(d, 21)
+    W = weights(R, d, 21)
+    _, keep, _ = prune_restricted(W, H, None, nm=(2, 4))
+    assert int((~keep).sum()) == R * 32
+    assert bool(keep[:, 64:].all())
+    assert torch.equal(keep, S.prune_exact(W, H, None, nm=(2, 4))[1])
+    with pytest.raises(OsbcError):
+        prune_restricted(W, H, 33 * R / (R * d) + 1e-3, nm=(2, 4))
 
 
 def test_groups():

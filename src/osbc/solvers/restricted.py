@@ -8,7 +8,7 @@ For a candidate set C that contains S, let v_C = H_CC^-1 g_C (the best row on C)
     loss(v) = loss(v_C) + 1/2 (v_C - v)^T H_CC (v_C - v)      for every v supported inside C,
 
 so choosing S inside C is the same OBS problem on the small pair (v_C, H_CC): the exact backward
-greedy (``osbc.solvers.obs_path``) on it costs O(m^3) per row for |C| = m, not O(d^3).
+greedy (``obs.obs_path``) on it costs O(m^3) per row for |C| = m, not O(d^3).
 
 ``prune_restricted``:
 
@@ -37,8 +37,10 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .errors import OsbcError
-from .solvers import PrunePath, budget_counts, obs_path, prune_exact, prune_sparsegpt
+from ..errors import OsbcError
+from .obs import PrunePath, budget_counts, obs_path, prune_exact
+from .pattern import _budget
+from .sweep import prune_sparsegpt
 
 __all__ = ["prune_restricted", "DEFAULT_WIDEN"]
 
@@ -63,12 +65,6 @@ def _groups(H, R: int, d: int) -> list[tuple[Tensor, Tensor]]:
     if not bool((seen == 1).all()):
         raise OsbcError(f"the (rows, H) groups must cover each of the {R} rows exactly once")
     return groups
-
-
-def _budget(sparsity, R: int, d: int) -> int:
-    if not 0 <= float(sparsity) <= 1:
-        raise OsbcError(f"sparsity must be in [0, 1], got {sparsity!r}")
-    return int(round(float(sparsity) * R * d))
 
 
 def _damped(H: Tensor, damp: float, device) -> tuple[Tensor, Tensor, float]:
@@ -224,22 +220,11 @@ def _finish(W: Tensor, groups, order: Tensor, loss: Tensor, keep: Tensor, k: int
     return out, keep, losses
 
 
-def _exact(W: Tensor, H, sparsity, k: int, nm, row_scale, damp: float, progress: bool, max_memory: int):
-    """The exact greedy: prune_exact, or its paths group by group on the layer budget."""
-    if isinstance(H, Tensor):
-        return prune_exact(W, H.to(W.device), sparsity, nm=nm, row_scale=row_scale, damp=damp, progress=progress,
-                           max_memory=max_memory)
-    R, d = W.shape
-    order = torch.zeros(R, d, dtype=torch.int64, device=W.device)
-    loss = torch.full((R, d), float("inf"), dtype=torch.float64, device=W.device)
-    groups = []
-    for rows, Hg in _groups(H, R, d):
-        rows = rows.to(W.device)
-        p = obs_path(W[rows], Hg.to(W.device), nm=nm, damp=damp, progress=progress, max_memory=max_memory)
-        order[rows, :p.order.shape[1]], loss[rows, :p.order.shape[1]] = p.order, p.loss
-        Hd, dead, lam = _damped(Hg, damp, W.device)
-        groups.append((rows, Hd, dead, lam, W[rows].to(torch.float64) @ Hd))
-    return _finish(W, groups, order, loss, torch.ones_like(W, dtype=torch.bool), k, row_scale, max_memory)
+def _exact(W: Tensor, H, sparsity, nm, row_scale, damp: float, progress: bool, max_memory: int):
+    """The exact greedy (prune_exact takes a shared H and (rows, H) groups alike)."""
+    H = H.to(W.device) if isinstance(H, Tensor) else H
+    return prune_exact(W, H, sparsity, nm=nm, row_scale=row_scale, damp=damp, progress=progress,
+                       max_memory=max_memory)
 
 
 def prune_restricted(W: Tensor, H, sparsity, *, widen: float = DEFAULT_WIDEN, candidates: str = "forward", nm=None,
@@ -261,18 +246,11 @@ def prune_restricted(W: Tensor, H, sparsity, *, widen: float = DEFAULT_WIDEN, ca
         raise OsbcError(f"candidates must be 'forward' or 'sparsegpt', got {candidates!r}")
     if row_scale is not None and row_scale.numel() != R:
         raise OsbcError(f"row_scale must have one entry per row ({R}), got {row_scale.numel()}")
+    # N:M (the pattern's budget and partial-last-group rule are prune_exact's): the exact greedy
+    k = _budget(sparsity, R, d, nm)
     if nm is not None:
-        n, m = nm
-        if not (isinstance(n, int) and isinstance(m, int) and 0 <= n < m):
-            raise OsbcError(f"nm must be (n, m) with 0 <= n < m, got {nm!r}")
-        full = R * sum(min(m - n, d - g) for g in range(0, d, m))
-        k = full if sparsity is None else _budget(sparsity, R, d)
-        if k > full:
-            raise OsbcError(f"sparsity {sparsity} exceeds what the {n}:{m} pattern allows ({full / (R * d):.3f})")
-        return _exact(W, H, sparsity, k, nm, row_scale, damp, progress, max_memory)
-    if sparsity is None:
-        raise OsbcError("sparsity is required without nm")
-    k = _budget(sparsity, R, d)
+        _groups(H, R, d)
+        return _exact(W, H, sparsity, nm, row_scale, damp, progress, max_memory)
     if k == 0:
         return W.clone(), torch.ones_like(W, dtype=torch.bool), torch.zeros(R, dtype=torch.float64, device=W.device)
     kept = R * d - k
@@ -283,11 +261,11 @@ def prune_restricted(W: Tensor, H, sparsity, *, widen: float = DEFAULT_WIDEN, ca
         Hd, dead, lam = _damped(Hg, damp, W.device)
         n_live = int((~dead).sum())
         if dens * d >= _EXACT_SHARE * n_live or n_live == 0:
-            return _exact(W, H, sparsity, k, None, row_scale, damp, progress, max_memory)
+            return _exact(W, H, sparsity, None, row_scale, damp, progress, max_memory)
         live += len(rows) * n_live
         groups.append((rows, Hd, dead, lam, W[rows].to(torch.float64) @ Hd, Hg))
     if kept > live:                      # some dead inputs must be kept: only at low sparsity
-        return _exact(W, H, sparsity, k, None, row_scale, damp, progress, max_memory)
+        return _exact(W, H, sparsity, None, row_scale, damp, progress, max_memory)
     cand = torch.zeros(R, d, dtype=torch.bool, device=W.device)
     if candidates == "sparsegpt":
         for rows, _, dead, _, _, Hg in groups:
