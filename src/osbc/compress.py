@@ -68,6 +68,7 @@ class _Run:
         self.task, self.method, self.solver, self.calibration = task, method, solver, calibration
         self.damp, self.seed, self.verbose, self.max_kernel_groups = cfg.damp, cfg.seed, cfg.verbose, cfg.max_kernel_groups
         self.device = resolve_device(cfg.device)
+        self.auto_seconds = cfg.auto_seconds
         self.needs_hessian = cfg.needs_hessian
         if calib is None:
             if self.needs_hessian:
@@ -123,7 +124,8 @@ class _Run:
     def resolve_solver(self, t: Target, fraction: float, nm: bool = False) -> str:
         if self.solver != "auto":
             return self.solver
-        return auto_solver(t.rows, t.cols, fraction, self.device.type, pruning=self.task == "prune", nm=nm)
+        return auto_solver(t.rows, t.cols, fraction, self.device.type, pruning=self.task == "prune", nm=nm,
+                           seconds=self.auto_seconds)
 
     def write(self, t: Target, w2d: Tensor) -> None:
         with torch.no_grad():
@@ -297,22 +299,24 @@ def prune(model: nn.Module, calib, sparsity: float | None = None, *, config: Pru
 
 
 def auto_solver(R: int, d: int, sparsity: float, device_type: str = "cpu", *, pruning: bool = True,
-                nm: bool = False) -> str:
+                nm: bool = False, seconds: float = _AUTO_SECONDS) -> str:
     """What ``solver="auto"`` runs on a layer [R, d] pruned to ``sparsity`` (quantization: 1.0).
 
-    "exact" when its estimated time, 2/3 R (d^3 - ((1 - s) d)^3) flops at ``_FLOPS``, is under
-    ``_AUTO_SECONDS``; else, for pruning at sparsity >= 0.9 without an N:M pattern, "restricted"
-    when its estimate (``_RESTRICTED_COST`` R d T^2 / 2 flops, T = 1.25 x 1.5 (1 - s) d + 16) is;
-    else "fast". Below 0.9 the restricted candidate support is large (little faster than exact),
-    and with N:M it runs the exact greedy itself: there the choice is exact or fast."""
+    Estimated times: exact, 2/3 R (d^3 - ((1 - s) d)^3) flops at ``_FLOPS``; restricted,
+    ``_RESTRICTED_COST`` R d T^2 / 2 flops with T = 1.25 x 1.5 (1 - s) d + 16. For pruning at
+    sparsity >= 0.9 without an N:M pattern, "restricted" when its estimate is under
+    ``seconds`` (the config's ``auto_seconds``, default 60) and under exact's: there it matched or beat the exact greedy's membrane error
+    on every layer measured (README, frontier), at a fraction of its time. Otherwise "exact" when its
+    estimate is under ``seconds``, else "fast". Below 0.9 the restricted candidate support is
+    large (little faster than exact), and with N:M it runs the exact greedy itself."""
     rate = _FLOPS.get(device_type, _FLOPS["cpu"])
-    if (2 / 3) * R * (d ** 3 - (d * (1 - sparsity)) ** 3) / rate <= _AUTO_SECONDS:
-        return "exact"
+    exact = (2 / 3) * R * (d ** 3 - (d * (1 - sparsity)) ** 3) / rate
     if pruning and not nm and sparsity >= _RESTRICTED_MIN_SPARSITY:
         T = 1.25 * solvers.restricted.DEFAULT_WIDEN * (1 - sparsity) * d + 16
-        if _RESTRICTED_COST * R * d * T * T / 2 / rate <= _AUTO_SECONDS:
+        restricted = _RESTRICTED_COST * R * d * T * T / 2 / rate
+        if restricted <= seconds and restricted < exact:
             return "restricted"
-    return "fast"
+    return "exact" if exact <= seconds else "fast"
 
 
 # ---- quantization -------------------------------------------------------------------------------

@@ -60,7 +60,9 @@ class CompressConfig:
     not read further); time_first: the data is ``[T, N, ...]`` (tonic's ``PadTensors(batch_first=False)``;
     None: detected from the labels where it can be, else an error); time_steps: the samples are static
     frames ``[N, ...]`` to repeat this many times; step_fn: ``(model, x_t, state) -> (output, state)``
-    for a model osbc cannot drive by itself (single-step models are detected without it)."""
+    for a model osbc cannot drive by itself (single-step models are detected without it).
+    auto_seconds: the per-layer time budget of ``solver="auto"``: it runs the best solver whose
+    estimated time fits (see :func:`osbc.compress.auto_solver`)."""
 
     method: str = "osbc"
     solver: str = "auto"
@@ -78,6 +80,7 @@ class CompressConfig:
     time_first: object = None
     time_steps: object = None
     step_fn: object = None
+    auto_seconds: float = 60.0
 
     METHODS = ()
     SOLVERS = SOLVERS
@@ -93,6 +96,9 @@ class CompressConfig:
         if isinstance(self.max_kernel_groups, bool) or not isinstance(self.max_kernel_groups, int) \
                 or self.max_kernel_groups < 1:
             raise OsbcError(f"max_kernel_groups must be an integer >= 1, got {self.max_kernel_groups!r}")
+        if isinstance(self.auto_seconds, bool) or not isinstance(self.auto_seconds, (int, float)) \
+                or not self.auto_seconds > 0:
+            raise OsbcError(f"auto_seconds must be a number of seconds > 0, got {self.auto_seconds!r}")
         from .device import resolve_device  # here, so that the CLI reads the choices without torch
 
         resolve_device(self.device)         # fails now, not after the calibration pass

@@ -7,6 +7,7 @@ import argparse
 import tempfile
 import time
 
+from ..config import QUANT_SOLVERS, SOLVERS
 from ..errors import OsbcError
 from . import common as C
 from .options import DATA_OPTIONS, METHODS, add_option, add_options, pos_float, pos_int
@@ -18,7 +19,8 @@ NAME = "demo"
 HELP = "the whole job offline: digits events, train the MLP, prune and quantize, table + JSON + plot"
 
 DEMO = dict(frames=10, epochs=8, lr=5e-3, sparsities=[0.5, 0.9, 0.97], bits=[8, 4, 3, 2],
-            methods=list(METHODS), hidden=256, solver="fast")
+            methods=list(METHODS), hidden=256, solver="auto", quant_solver="fast",
+            auto_seconds=10.0)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -30,9 +32,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     add_option(p, "sparsities", default=DEMO["sparsities"])
     add_option(p, "bits_list", default=DEMO["bits"])
     add_option(p, "methods", default=DEMO["methods"])
-    add_option(p, "solver", choices=("auto", "exact", "fast"), default=DEMO["solver"],
-               help="fast (SparseGPT / GPTQ column sweeps) fits the CPU budget; auto or exact run the greedy "
-                    "ExactOBS / OBQ solvers (about 15 s per compression of the MLP on 2 CPU cores)")
+    add_option(p, "solver", choices=SOLVERS, default=DEMO["solver"],
+               help="pruning solver: auto runs restricted (exact-greedy quality in seconds) at 90%% and above "
+                    "and the exact greedy below; exact is the greedy everywhere (about 30-80 s per 97%% prune "
+                    "of the MLP on one CPU thread); fast is the SparseGPT column sweep")
+    add_option(p, "auto_seconds", default=DEMO["auto_seconds"])
+    p.add_argument("--quant-solver", choices=QUANT_SOLVERS, default=DEMO["quant_solver"],
+                   help="quantization solver: fast (GPTQ) fits the demo's budget; exact / auto run OBQ "
+                        "(about 20 s or more per compression of the MLP)")
     add_options(p, *DATA_OPTIONS, group="data and run options")
 
 
@@ -88,7 +95,8 @@ def _demo(args: argparse.Namespace) -> int:
     t0 = time.time()
     for task, method, level in jobs:
         C.seed_all(args.seed)
-        r = run_job(model, calib, test, task, method, level, dev, args.seed, args.solver)
+        r = run_job(model, calib, test, task, method, level, dev, args.seed,
+                    args.solver if task == "prune" else args.quant_solver, auto_seconds=args.auto_seconds)
         m = r.pop("_model")
         if method == "osbc" and (task, level) in (("prune", max(args.sparsities or [0])), ("quantize", 4)):
             tag = f"pruned-{round(100 * level)}" if task == "prune" else f"quantized-{int(level)}bit"
@@ -109,6 +117,7 @@ def _demo(args: argparse.Namespace) -> int:
     wall = time.time() - t_start
     report = {"settings": {"data": spec.name, "frames": spec.frames, "hidden": args.hidden, "epochs": args.epochs,
                            "calib_samples": args.calib_samples, "seed": args.seed, "solver": args.solver,
+                           "quant_solver": args.quant_solver, "auto_seconds": args.auto_seconds,
                            "device": str(dev), "threads": _threads()},
               "dense": dense.to_dict(), "training": tres.to_dict(), "results": rows, "wall_seconds": wall}
     outputs = [(outdir / "report.json", text_writer(json_text(report))),

@@ -178,9 +178,12 @@ OPTIONS: dict[str, tuple[tuple[str, ...], dict[str, Any]]] = {
                                    help="exact: greedy ExactOBS / OBQ; blocked: prune d/256 weights per step "
                                         "(pruning only); fast: SparseGPT / GPTQ column sweeps; restricted: the exact "
                                         "greedy on a forward-selected candidate support, near-exact at 90-99%% "
-                                        "sparsity and far faster (pruning only); auto: exact where it costs under "
-                                        "about a minute per layer, else restricted where that does (pruning at "
-                                        ">= 90%% sparsity), else fast")),
+                                        "sparsity and far faster (pruning only); auto: at >= 90%% sparsity restricted where its "
+                                        "estimated time is under --auto-seconds per layer and under exact's, else "
+                                        "exact where that is, else fast")),
+    "auto_seconds": (("--auto-seconds",), dict(type=pos_float, default=60.0, metavar="S",
+                                               help="per-layer time budget of --solver auto: the best solver "
+                                                    "whose estimated time fits")),
     "allocation": (("--allocation",), dict(choices=ALLOCATIONS, default="lamp",
                                            help="how the sparsity is shared among layers: lamp (the paper's), "
                                                 "uniform, or global (one OBS-loss threshold over all layers)")),

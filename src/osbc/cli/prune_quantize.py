@@ -27,6 +27,7 @@ _METHOD_HELP = {
 
 def _add_shared(p: argparse.ArgumentParser, task: str) -> None:
     add_option(p, "solver", **({"choices": ("auto", "exact", "fast")} if task == "quantize" else {}))
+    add_option(p, "auto_seconds")
     add_options(p, "calibration", "calib_from", "include", "exclude")
     add_option(p, "out", help=f"{'pruned' if task == 'prune' else 'quantized'} checkpoint to write")
     add_options(p, "report", "no_eval", "force")
@@ -74,7 +75,8 @@ def run(args: argparse.Namespace, task: str) -> int:
     from ..checkpoint import save
     from ..training import evaluate
 
-    shared = dict(method=args.method, solver=args.solver, calibration=args.calibration, device=dev, seed=args.seed,
+    shared = dict(method=args.method, solver=args.solver, auto_seconds=args.auto_seconds,
+                  calibration=args.calibration, device=dev, seed=args.seed,
                   verbose=C.progress(args), include=args.include, exclude=args.exclude)
     C.seed_all(args.seed)
     t0 = time.time()

@@ -23,7 +23,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     add_options(p, "methods", "sparsities", "bits_list")
     p.add_argument("--seeds", type=int_in(1, 1000), default=3,
                    help="calibration draws per point (seeds --seed, --seed+1, ...)")
-    add_options(p, "solver", "allocation", "lamp_power", "calibration", "calib_from")
+    add_options(p, "solver", "auto_seconds", "allocation", "lamp_power", "calibration", "calib_from")
     add_option(p, "out_dir", default="osbc-sweep")
     add_option(p, "force", help="write into an existing non-empty --out")
     add_options(p, *DATA_OPTIONS, group="data and run options")
@@ -45,17 +45,18 @@ def grid(levels_prune: list[float] | None, levels_bits: list[int] | None,
 
 def run_job(model, calib, test, task: str, method: str, level: float, dev, seed: int, solver: str,
             allocation: str = "lamp", calibration: str = "dense", batch_size: int = 128,
-            lamp_power: float = 2.0) -> dict:
+            lamp_power: float = 2.0, auto_seconds: float = 60.0) -> dict:
     """Compress ``model`` once and evaluate it; the compressed model is under ``"_model"``."""
     from .. import compress
     from ..training import evaluate
 
     t0 = time.time()
     if task == "prune":
-        res = compress.prune(model, calib, sparsity=level, method=method, solver=solver, allocation=allocation,
+        res = compress.prune(model, calib, sparsity=level, method=method, solver=solver, auto_seconds=auto_seconds,
+                             allocation=allocation,
                              lamp_power=lamp_power, calibration=calibration, device=dev, seed=seed, verbose=False)
     else:
-        res = compress.quantize(model, calib, bits=int(level), method=method, solver=solver,
+        res = compress.quantize(model, calib, bits=int(level), method=method, solver=solver, auto_seconds=auto_seconds,
                                 calibration=calibration, device=dev, seed=seed, verbose=False)
     secs = time.time() - t0
     ev = evaluate(res.model, test, batch_size=batch_size, device=dev)
@@ -134,7 +135,7 @@ def run(args: argparse.Namespace) -> int:
         for task, method, level in jobs:
             C.seed_all(seed)
             r = run_job(model, calib, test, task, method, level, dev, seed, args.solver, args.allocation,
-                        args.calibration, max(128, args.batch_size), args.lamp_power)
+                        args.calibration, max(128, args.batch_size), args.lamp_power, args.auto_seconds)
             r.pop("_model")
             r["seed"] = seed
             r["drop"] = dense_acc[seed] - r["accuracy"]
