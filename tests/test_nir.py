@@ -92,7 +92,9 @@ def test_lif_parameter_convention():
     np.testing.assert_allclose(lif0.v_threshold, 0.5)
     np.testing.assert_allclose(lif0.v_leak, 0.0)
     np.testing.assert_allclose(lif1.tau, 3e-3, rtol=1e-6)
-    np.testing.assert_allclose(lif1.r, 3.0, rtol=1e-6)  # decay_input=False: input enters undivided
+    # decay_input=False: the input enters undivided, a gain of tau = 3 folded into the weights before
+    np.testing.assert_allclose(lif1.r, 1.0)
+    np.testing.assert_allclose(g.nodes["2"].weight, 3 * model[2].weight.detach().numpy(), rtol=1e-6)
     np.testing.assert_allclose(if2.r, 1 / dt, rtol=1e-6)
     np.testing.assert_allclose(if2.v_threshold, 2.0)
     np.testing.assert_allclose(plif.tau, 4e-3, rtol=1e-5)

@@ -97,24 +97,28 @@ def _arr(v, shape) -> np.ndarray:
 
 
 def _first_order(shape, dt, d, g, v_rest, v_th, v_reset, name, spiking=True):
-    """v <- d v + g x + (1 - d) v_rest, spike at v_th, reset to v_reset -> NIR LIF (IF if d == 1;
-    LI without spikes)."""
+    """v <- d v + g x + (1 - d) v_rest, spike at v_th, reset to v_reset -> (NIR LIF with r = 1, the
+    input gain g / (1 - d) to fold into the layer before); IF (r = 1 / dt, gain g) if d == 1; LI
+    without spikes."""
     import nir
 
     d = torch.as_tensor(d, dtype=torch.float64)
     g = torch.as_tensor(g, dtype=torch.float64)
     if spiking and bool((d == 1).all()):
-        return nir.IF(r=_arr(g / dt, shape), v_threshold=_arr(v_th, shape), v_reset=_arr(v_reset, shape))
+        return nir.IF(r=_arr(1 / dt, shape), v_threshold=_arr(v_th, shape), v_reset=_arr(v_reset, shape)), g
     if bool((d >= 1).any()) or bool((d < 0).any()):
         raise OsbcError(f"{name}: decay {d.tolist()} outside [0, 1) has no NIR {'LIF' if spiking else 'LI'} "
                         "equivalent")
-    kw = dict(tau=_arr(dt / (1 - d), shape), r=_arr(g / (1 - d), shape), v_leak=_arr(v_rest, shape))
+    kw = dict(tau=_arr(dt / (1 - d), shape), r=_arr(1.0, shape), v_leak=_arr(v_rest, shape))
     if not spiking:
-        return nir.LI(**kw)
-    return nir.LIF(v_threshold=_arr(v_th, shape), v_reset=_arr(v_reset, shape), **kw)
+        return nir.LI(**kw), g / (1 - d)
+    return nir.LIF(v_threshold=_arr(v_th, shape), v_reset=_arr(v_reset, shape), **kw), g / (1 - d)
 
 
 def _second_order(shape, dt, d1, g1, d2, g2, v_rest, v_th, v_reset, name, spiking=True):
+    """Synaptic current i <- d1 i + g1 x feeding v <- d2 v + g2 i -> (NIR CubaLIF with w_in =
+    tau_syn / dt and r = tau_mem / dt - the unit gains spikingjelly's and snntorch's importers
+    require - and the gain g1 g2 to fold into the layer before)."""
     import nir
 
     d1 = torch.as_tensor(d1, dtype=torch.float64)
@@ -122,18 +126,20 @@ def _second_order(shape, dt, d1, g1, d2, g2, v_rest, v_th, v_reset, name, spikin
     for d, what in ((d1, "synaptic"), (d2, "membrane")):
         if bool((d >= 1).any()) or bool((d < 0).any()):
             raise OsbcError(f"{name}: {what} decay outside [0, 1) has no NIR CubaLIF equivalent")
-    kw = dict(tau_syn=_arr(dt / (1 - d1), shape), w_in=_arr(g1 / (1 - d1), shape),
-              tau_mem=_arr(dt / (1 - d2), shape), r=_arr(g2 / (1 - d2), shape), v_leak=_arr(v_rest, shape))
+    kw = dict(tau_syn=_arr(dt / (1 - d1), shape), w_in=_arr(1 / (1 - d1), shape),
+              tau_mem=_arr(dt / (1 - d2), shape), r=_arr(1 / (1 - d2), shape), v_leak=_arr(v_rest, shape))
+    gain = torch.as_tensor(g1, dtype=torch.float64) * torch.as_tensor(g2, dtype=torch.float64)
     if not spiking:
-        return nir.CubaLI(**kw)
-    return nir.CubaLIF(v_threshold=_arr(v_th, shape), v_reset=_arr(v_reset, shape), **kw)
+        return nir.CubaLI(**kw), gain
+    return nir.CubaLIF(v_threshold=_arr(v_th, shape), v_reset=_arr(v_reset, shape), **kw), gain
 
 
 _RESET_WORDS = {"subtract": "reset by subtraction", "none": "no reset after a spike"}
 
 
 def _neuron_node(dyn: Dynamics, name: str, shape: tuple[int, ...], dt: float):
-    """The NIR node of a neuron with dynamics ``dyn`` (from the neuron registry)."""
+    """The NIR node of a neuron with dynamics ``dyn`` (from the neuron registry), and the input gain
+    that the node leaves to the layer before it (see :func:`_fold_gain`)."""
     if dyn.spiking and dyn.reset_mode != "zero":
         warnings.warn(f"{name}: {_RESET_WORDS[dyn.reset_mode]}; NIR only resets to v_reset, so the graph "
                       f"resets to {dyn.v_reset} instead", stacklevel=4)
@@ -142,6 +148,41 @@ def _neuron_node(dyn: Dynamics, name: str, shape: tuple[int, ...], dt: float):
                              dyn.v_reset, name, spiking=dyn.spiking)
     return _first_order(shape, dt, dyn.decay, dyn.gain, dyn.v_rest, dyn.threshold, dyn.v_reset, name,
                         spiking=dyn.spiking)
+
+
+_WEIGHTED = ("Affine", "Linear", "Conv1d", "Conv2d")
+_GAIN_COMMUTES = ("Flatten", "AvgPool2d", "SumPool2d")  # linear, so a uniform gain passes through them
+
+
+def _fold_gain(nodes: list, neuron, gain, shape: tuple[int, ...], name: str) -> None:
+    """Fold a neuron's input gain into the weight layer before it (exact: its output only feeds the
+    neuron, linearly), so that the neuron node keeps the unit gains the importers accept. Where no
+    such layer can take it (a neuron on the graph input, a per-neuron gain behind pooling) the
+    neuron's voltages are counted in units of the gain instead: threshold, reset and rest divided."""
+    g = torch.broadcast_to(torch.as_tensor(gain, dtype=torch.float64), shape)
+    if bool((g == 1).all()):
+        return
+    if not bool((g > 0).all()):
+        raise OsbcError(f"{name}: input gain {g.flatten()[:4].tolist()} is not positive; NIR's neurons cannot "
+                        "express it")
+    uniform = bool((g == g.flatten()[0]).all())
+    rows = g.reshape(shape[0], -1) if shape else g.reshape(1, 1)
+    direct = True
+    for _, prev in reversed(nodes):
+        kind = type(prev).__name__
+        if kind in _WEIGHTED and (uniform or direct and bool((rows == rows[:, :1]).all())):
+            scale = rows[:, 0].numpy()
+            prev.weight = (prev.weight * scale.reshape(-1, *[1] * (prev.weight.ndim - 1))).astype(np.float32)
+            if getattr(prev, "bias", None) is not None:
+                prev.bias = (prev.bias * scale).astype(np.float32)
+            prev.metadata = {**(prev.metadata or {}), **_weight_meta(torch.from_numpy(prev.weight))}
+            return
+        if kind not in _GAIN_COMMUTES:
+            break
+        direct = False
+    for attr in ("v_threshold", "v_reset", "v_leak"):
+        if hasattr(neuron, attr):
+            setattr(neuron, attr, (getattr(neuron, attr) / g.numpy()).astype(np.float32))
 
 
 # ---- layers -----------------------------------------------------------------------------------
@@ -180,6 +221,9 @@ def _fold_bn(w: Tensor, b: Tensor | None, bn: nn.Module) -> tuple[Tensor, Tensor
 
 
 def _flatten_node(c: Call):
+    """NIR Flatten with negative (counted from the end) dims: they mean the same in NIR's batch-free
+    shapes and on the importers' batched tensors (snntorch and norse hand NIR's dims to
+    ``torch.nn.Flatten`` unchanged, so ``start_dim=0`` would flatten their batch too)."""
     import nir
 
     m = c.module
@@ -191,10 +235,45 @@ def _flatten_node(c: Call):
         e = m.end_dim - lead if m.end_dim >= 0 else m.end_dim + nd
         if not (0 <= s <= e < nd):
             continue
-        node = nir.Flatten(input_type={"input": np.array(c.feat_in)}, start_dim=s, end_dim=-1 if e == nd - 1 else e)
+        node = nir.Flatten(input_type={"input": np.array(c.feat_in)}, start_dim=s - nd, end_dim=e - nd)
         if tuple(int(v) for v in node.output_type["output"]) == tuple(c.feat_out):
             return node
     raise OsbcError(f"{c.name}: cannot express this Flatten ({c.feat_in} -> {c.feat_out}) in NIR")
+
+
+def _spike_max_pool(name: str, m: nn.MaxPool2d, shape: tuple[int, ...], dt: float) -> list:
+    """Max pooling of spikes is an OR: an average pool (> 0 iff a spike is in the window; NIR's
+    importers have AvgPool2d but no Threshold node) gated by a LIF that fires iff its input is
+    positive and is back at rest every step: tau = 2 dt halves the input, the smallest non-zero
+    average 1 / k is above the threshold 1 / (4 k), and a spike resets to 0."""
+    import nir
+
+    kernel, stride = _pair(m.kernel_size), _pair(m.stride if m.stride is not None else m.kernel_size)
+    k = float(np.prod(kernel))
+    pool = nir.AvgPool2d(kernel_size=kernel, stride=stride, padding=_pair(m.padding))
+    gate = nir.LIF(tau=_arr(2 * dt, shape), r=_arr(1.0, shape), v_leak=_arr(0.0, shape),
+                   v_threshold=_arr(0.25 / k, shape), v_reset=_arr(0.0, shape))
+    return [(name, pool), (f"{name}_or", gate)]
+
+
+def _avg_pool_node(name: str, m: nn.Module, feat_in: tuple[int, ...]):
+    """AvgPool2d; an AdaptiveAvgPool2d whose output size divides its input size is one too."""
+    import nir
+
+    if isinstance(m, nn.AdaptiveAvgPool2d):
+        size = m.output_size if isinstance(m.output_size, (tuple, list)) else (m.output_size,) * 2
+        hw = feat_in[-2:]
+        out = [h if o is None else int(o) for o, h in zip(size, hw)]
+        if any(o == 0 or h % o for o, h in zip(out, hw)):
+            raise OsbcError(f"{name}: AdaptiveAvgPool2d from {tuple(hw)} to {tuple(out)} has uneven windows, which "
+                            "NIR's AvgPool2d cannot express; pick an output size that divides the input size")
+        kernel = _pair([h // o for o, h in zip(out, hw)])
+        return nir.AvgPool2d(kernel_size=kernel, stride=kernel, padding=_pair(0))
+    if m.ceil_mode or (any(_pair(m.padding)) and not m.count_include_pad) or m.divisor_override:
+        raise OsbcError(f"{name}: AvgPool2d with ceil_mode, divisor_override or count_include_pad=False cannot be "
+                        "exported")
+    stride = m.stride if m.stride is not None else m.kernel_size
+    return nir.AvgPool2d(kernel_size=_pair(m.kernel_size), stride=_pair(stride), padding=_pair(m.padding))
 
 
 def _layer_nodes(calls: list[Call], dt: float, fold_bn: bool) -> list[tuple[str, object]]:
@@ -246,7 +325,9 @@ def _layer_nodes(calls: list[Call], dt: float, fold_bn: bool) -> list[tuple[str,
         dyn = dynamics_of(m)
         if dyn is not None:
             flush()
-            nodes.append((name, _neuron_node(dyn, name, tuple(c.feat_in), dt)))
+            node, gain = _neuron_node(dyn, name, tuple(c.feat_in), dt)
+            _fold_gain(nodes, node, gain, tuple(c.feat_in), name)
+            nodes.append((name, node))
             continue
         if isinstance(m, WEIGHT_LAYERS):
             flush()
@@ -265,20 +346,13 @@ def _layer_nodes(calls: list[Call], dt: float, fold_bn: bool) -> list[tuple[str,
                 nodes.append((name, _flatten_node(c)))
         elif isinstance(m, nn.MaxPool2d):
             if not c.binary_in:
-                raise OsbcError(f"{name}: MaxPool2d on non-binary input has no NIR equivalent (on spikes it "
-                                 "is exported as SumPool2d + Threshold)")
+                raise OsbcError(f"{name}: MaxPool2d on non-binary input (before a neuron) cannot be exported: NIR "
+                                "has no max pooling node; max pooling of spikes (after the neuron) exports exactly")
             if m.ceil_mode or any(int(d) != 1 for d in _pair(m.dilation)):
                 raise OsbcError(f"{name}: MaxPool2d with ceil_mode or dilation cannot be exported")
-            stride = m.stride if m.stride is not None else m.kernel_size
-            nodes.append((name, nir.SumPool2d(kernel_size=_pair(m.kernel_size), stride=_pair(stride),
-                                              padding=_pair(m.padding))))
-            nodes.append((f"{name}_or", nir.Threshold(threshold=np.zeros(c.feat_out, np.float32))))
-        elif isinstance(m, nn.AvgPool2d):
-            if m.ceil_mode or (any(_pair(m.padding)) and not m.count_include_pad):
-                raise OsbcError(f"{name}: AvgPool2d with ceil_mode or count_include_pad=False cannot be exported")
-            stride = m.stride if m.stride is not None else m.kernel_size
-            nodes.append((name, nir.AvgPool2d(kernel_size=_pair(m.kernel_size), stride=_pair(stride),
-                                              padding=_pair(m.padding))))
+            nodes += _spike_max_pool(name, m, tuple(c.feat_out), dt)
+        elif isinstance(m, (nn.AvgPool2d, nn.AdaptiveAvgPool2d)):
+            nodes.append((name, _avg_pool_node(name, m, tuple(c.feat_in))))
         elif isinstance(m, Voting):
             g = m.group
             n_out = c.feat_in[-1] // g
@@ -412,7 +486,8 @@ def run_nir(graph, x: Tensor, dt: float | None = None) -> Tensor:
                              int(np.asarray(n.padding).reshape(-1)[0]), int(np.asarray(n.dilation).reshape(-1)[0]),
                              int(n.groups))
             elif kind == "Flatten":
-                h = h.flatten(int(n.start_dim) + 1, int(n.end_dim) + 1 if int(n.end_dim) >= 0 else -1)
+                start, end = int(n.start_dim), int(n.end_dim)  # batch-free dims; h has a batch dim
+                h = h.flatten(start + 1 if start >= 0 else start, end + 1 if end >= 0 else end)
             elif kind == "SumPool2d":
                 k = tuple(int(v) for v in n.kernel_size)
                 h = F.avg_pool2d(h, k, tuple(int(v) for v in n.stride), tuple(int(v) for v in n.padding),
