@@ -12,6 +12,7 @@ import io
 import tempfile
 import warnings
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -22,7 +23,7 @@ from osbc.errors import OsbcError
 
 nir = pytest.importorskip("nir")
 pytest.importorskip("nirtorch")
-from osbc.nir_export import export_nir  # noqa: E402
+from osbc.nir_export import export_nir, run_nir  # noqa: E402
 
 #: snntorch's importer hard-codes dt = 1e-4; the others take dt, so one export serves all three
 DT = 1e-4
@@ -68,7 +69,7 @@ def osbc_conv():
             with torch.no_grad():
                 bn.running_var.uniform_(0.5, 2.0)
                 bn.bias.uniform_(-0.1, 0.1)
-    return _compressed(_scale(m, 6.0), (2, 8, 8)), (2, 8, 8)
+    return _compressed(_scale(m, 15.0), (2, 8, 8)), (2, 8, 8)
 
 
 def sj_conv():
@@ -143,7 +144,7 @@ def adaptive_pool():
     m = models.SpikingNet([("conv", models.SeqToANN(nn.Conv2d(2, 4, 3, padding=1))), ("sn1", snn.LIF(2.0)),
                            ("gap", models.SeqToANN(nn.AdaptiveAvgPool2d(2))), ("flat", nn.Flatten(2)),
                            ("fc", nn.Linear(16, 5)), ("sn2", snn.LIF(2.0))], in_shape=(2, 8, 8))
-    return _compressed(_scale(m, 6.0), (2, 8, 8)), (2, 8, 8)
+    return _compressed(_scale(m, 15.0), (2, 8, 8)), (2, 8, 8)
 
 
 def maxpool_before_neuron():
@@ -151,7 +152,7 @@ def maxpool_before_neuron():
     m = models.SpikingNet([("conv", models.SeqToANN(nn.Conv2d(2, 4, 3, padding=1), nn.MaxPool2d(2))),
                            ("sn1", snn.LIF(2.0)), ("flat", nn.Flatten(2)), ("fc", nn.Linear(64, 5)),
                            ("sn2", snn.LIF(2.0))], in_shape=(2, 8, 8))
-    return _compressed(_scale(m, 6.0), (2, 8, 8)), (2, 8, 8)
+    return _compressed(_scale(m, 15.0), (2, 8, 8)), (2, 8, 8)
 
 
 class _Residual(nn.Module):
@@ -242,6 +243,63 @@ def agreement(name: str, importer: str):
         with torch.no_grad():
             y2 = IMPORTERS[importer](graph, x)
     return float((y2.reshape(y.shape) == y).float().mean()), float(y.mean())
+
+
+# ---- the support matrix -------------------------------------------------------------------------
+
+ALL = ("snntorch", "norse", "spikingjelly")
+NO_AVGPOOL = ("snntorch", "spikingjelly")  # norse's importer maps no AvgPool2d
+#: model -> the importers that support all its nodes (each must reproduce our spikes)
+SUPPORTED = {
+    "osbc_mlp": ALL,
+    "osbc_conv": NO_AVGPOOL,        # spike max pooling = AvgPool2d + a LIF gate
+    "sj_conv": ("spikingjelly",),   # + IF, which snntorch's importer maps to Leaky(beta=0.9)
+    "snntorch_leaky": ALL,
+    "snntorch_synaptic": ALL,
+    "norse_lif": ALL,
+    "adaptive_pool": NO_AVGPOOL,
+}
+#: model -> why the exporter refuses it
+REFUSED = {"maxpool_before_neuron": "MaxPool2d on non-binary input", "residual": "not only from the layer called"}
+
+
+@pytest.mark.parametrize("name,importer", [(m, i) for m, imps in SUPPORTED.items() for i in imps])
+def test_reimport_reproduces_our_spikes(name, importer):
+    a, rate = agreement(name, importer)
+    assert rate > 0.02, "the test model should spike"
+    assert a >= EXACT
+
+
+@pytest.mark.parametrize("name", list(REFUSED))
+def test_inexact_graphs_are_refused(name):
+    model, in_shape = MODELS[name]()
+    with pytest.raises(OsbcError, match=REFUSED[name]):
+        export_nir(model, None, dt=DT, sample=_spikes((3, 2, *in_shape)))
+
+
+def test_uneven_adaptive_pool_is_refused():
+    m = models.SpikingNet([("gap", models.SeqToANN(nn.AdaptiveAvgPool2d(3))), ("flat", nn.Flatten(2)),
+                           ("fc", nn.Linear(18, 2)), ("sn", snn.LIF(2.0))], in_shape=(2, 8, 8))
+    with pytest.raises(OsbcError, match="gap.0: AdaptiveAvgPool2d from .* uneven windows"):
+        export_nir(m, None)
+
+
+def test_gain_folds_into_weights_or_threshold():
+    """snntorch Leaky(beta) has gain 1 / (1 - beta) in NIR's LIF: it goes into the Linear before
+    (r stays 1, which norse's importer assumes); a neuron on the graph input has no such layer and
+    counts its voltage in units of the gain instead - both exact."""
+    st = pytest.importorskip("snntorch")
+    model = _Loop(st.Leaky(beta=0.75, reset_mechanism="zero", reset_delay=False),
+                  st.Leaky(beta=0.5, reset_mechanism="zero", reset_delay=False))
+    g = export_nir(model, None, dt=DT, sample=torch.zeros(2, 1, 20))
+    assert float(g.nodes["lif1"].r.max()) == 1.0 and float(g.nodes["lif2"].v_threshold.max()) == 1.0
+    np.testing.assert_allclose(g.nodes["fc1"].weight, 4 * model.fc1.weight.detach().numpy(), rtol=1e-6)
+    np.testing.assert_allclose(g.nodes["fc2"].weight, 2 * model.fc2.weight.detach().numpy(), rtol=1e-6)
+    alone = nn.Sequential(snn.LIF(2.0, decay_input=False))
+    x = _spikes((8, 3, 5)) * 0.6
+    g = export_nir(alone, None, dt=DT, sample=x)
+    np.testing.assert_allclose(g.nodes["0"].v_threshold, 0.5, rtol=1e-6)  # threshold 1 / gain 2
+    assert torch.equal(run_nir(g, x), _reference(alone, x))
 
 
 if __name__ == "__main__":
