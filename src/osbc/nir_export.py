@@ -75,7 +75,7 @@ from torch import Tensor, nn
 from .errors import OsbcError
 from .layers import WEIGHT_LAYERS
 from .neurons import Dynamics, dynamics_of
-from .trace import BATCH_NORMS, Call, trace
+from .trace import BATCH_NORMS, Call, run_model, trace
 
 __all__ = ["export_nir", "to_nir", "run_nir", "CONVENTION"]
 
@@ -154,10 +154,11 @@ _WEIGHTED = ("Affine", "Linear", "Conv1d", "Conv2d")
 _GAIN_COMMUTES = ("Flatten", "AvgPool2d", "SumPool2d")  # linear, so a uniform gain passes through them
 
 
-def _fold_gain(nodes: list, neuron, gain, shape: tuple[int, ...], name: str) -> None:
+def _fold_gain(path: list, neuron, gain, shape: tuple[int, ...], name: str) -> None:
     """Fold a neuron's input gain into the weight layer before it (exact: its output only feeds the
-    neuron, linearly), so that the neuron node keeps the unit gains the importers accept. Where no
-    such layer can take it (a neuron on the graph input, a per-neuron gain behind pooling) the
+    neuron, linearly), so that the neuron node keeps the unit gains the importers accept. ``path``:
+    the nodes whose output reaches only the neuron, nearest first. Where no such layer can take it
+    (a neuron on the graph input or after a merge, a per-neuron gain behind pooling) the
     neuron's voltages are counted in units of the gain instead: threshold, reset and rest divided."""
     g = torch.broadcast_to(torch.as_tensor(gain, dtype=torch.float64), shape)
     if bool((g == 1).all()):
@@ -168,7 +169,7 @@ def _fold_gain(nodes: list, neuron, gain, shape: tuple[int, ...], name: str) -> 
     uniform = bool((g == g.flatten()[0]).all())
     rows = g.reshape(shape[0], -1) if shape else g.reshape(1, 1)
     direct = True
-    for _, prev in reversed(nodes):
+    for prev in path:
         kind = type(prev).__name__
         if kind in _WEIGHTED and (uniform or direct and bool((rows == rows[:, :1]).all())):
             scale = rows[:, 0].numpy()
@@ -276,16 +277,42 @@ def _avg_pool_node(name: str, m: nn.Module, feat_in: tuple[int, ...]):
     return nir.AvgPool2d(kernel_size=_pair(m.kernel_size), stride=_pair(stride), padding=_pair(m.padding))
 
 
-def _layer_nodes(calls: list[Call], dt: float, fold_bn: bool) -> list[tuple[str, object]]:
+def _consumers(calls: list[Call]) -> dict:
+    out: dict = {c: set() for c in calls}
+    for c in calls:
+        for src in c.sources:
+            out.setdefault(src, set()).add(c)
+    return out
+
+
+def _layer_nodes(all_calls: list[Call], dt: float, fold_bn: bool) -> tuple[list, dict]:
+    """The NIR nodes of the traced calls, in call order, and each call's node indices (calls that
+    leave no node - dropped, or a BatchNorm folded into the layer before - have none)."""
     import nir
 
     from .models import SeqDropout, Voting
 
     nodes: list[tuple[str, object]] = []
+    span: dict = {}
     pending = None  # (name, module-kind, weight, bias, call): an affine layer waiting for a BN to fold
-    i = 0
-    calls = [c for c in calls if not isinstance(c.module, (*_SKIP, SeqDropout))
+    consumers = _consumers(all_calls)
+    calls = [c for c in all_calls if not isinstance(c.module, (*_SKIP, SeqDropout))
              and type(c.module).__name__ not in ("Dropout", "Dropout2d")]
+
+    def emit(c, *named):
+        span[c] = list(range(len(nodes), len(nodes) + len(named)))
+        nodes.extend(named)
+
+    def path_into(c) -> list:
+        """The nodes whose output reaches only ``c``, nearest first."""
+        out = []
+        while len(c.sources) == 1:
+            (src,) = c.sources
+            if consumers.get(src) != {c}:
+                break
+            out += [nodes[k][1] for k in reversed(span.get(src, []))]
+            c = src
+        return out
 
     def flush():
         nonlocal pending
@@ -317,7 +344,7 @@ def _layer_nodes(calls: list[Call], dt: float, fold_bn: bool) -> list[tuple[str,
         else:
             raise OsbcError(f"{name}: {type(m).__name__} has no NIR export")
         node.metadata = meta
-        nodes.append((name, node))
+        emit(c, (name, node))
         pending = None
 
     for c in calls:
@@ -326,8 +353,8 @@ def _layer_nodes(calls: list[Call], dt: float, fold_bn: bool) -> list[tuple[str,
         if dyn is not None:
             flush()
             node, gain = _neuron_node(dyn, name, tuple(c.feat_in), dt)
-            _fold_gain(nodes, node, gain, tuple(c.feat_in), name)
-            nodes.append((name, node))
+            _fold_gain(path_into(c), node, gain, tuple(c.feat_in), name)
+            emit(c, (name, node))
             continue
         if isinstance(m, WEIGHT_LAYERS):
             flush()
@@ -337,31 +364,34 @@ def _layer_nodes(calls: list[Call], dt: float, fold_bn: bool) -> list[tuple[str,
             if pending is None or not fold_bn:
                 raise OsbcError(f"{name}: a BatchNorm must follow a Linear/Conv to be folded into it for NIR")
             pn, pm, w, b, pc = pending
+            if c.sources != {pc} or consumers[pc] != {c}:
+                raise OsbcError(f"{name}: a BatchNorm is folded into the Linear/Conv before it, which must feed "
+                                "only the BatchNorm")
             w, b = _fold_bn(w, b, m)
             pending = (pn, pm, w, b, pc)
             continue
         flush()
         if isinstance(m, nn.Flatten):
             if tuple(c.feat_in) != tuple(c.feat_out):  # a no-op flatten (already flat) is dropped
-                nodes.append((name, _flatten_node(c)))
+                emit(c, (name, _flatten_node(c)))
         elif isinstance(m, nn.MaxPool2d):
             if not c.binary_in:
                 raise OsbcError(f"{name}: MaxPool2d on non-binary input (before a neuron) cannot be exported: NIR "
                                 "has no max pooling node; max pooling of spikes (after the neuron) exports exactly")
             if m.ceil_mode or any(int(d) != 1 for d in _pair(m.dilation)):
                 raise OsbcError(f"{name}: MaxPool2d with ceil_mode or dilation cannot be exported")
-            nodes += _spike_max_pool(name, m, tuple(c.feat_out), dt)
+            emit(c, *_spike_max_pool(name, m, tuple(c.feat_out), dt))
         elif isinstance(m, (nn.AvgPool2d, nn.AdaptiveAvgPool2d)):
-            nodes.append((name, _avg_pool_node(name, m, tuple(c.feat_in))))
+            emit(c, (name, _avg_pool_node(name, m, tuple(c.feat_in))))
         elif isinstance(m, Voting):
             g = m.group
             n_out = c.feat_in[-1] // g
             w = np.kron(np.eye(n_out, dtype=np.float32), np.full((1, g), 1.0 / g, np.float32))
-            nodes.append((name, nir.Linear(weight=w)))
+            emit(c, (name, nir.Linear(weight=w)))
         else:
             raise OsbcError(f"{name}: {type(m).__module__}.{type(m).__name__} has no NIR export")
     flush()
-    return nodes
+    return nodes, span
 
 
 def _node_name(name: str, used: set) -> str:
@@ -393,31 +423,49 @@ def to_nir(model: nn.Module, dt: float = 1e-3, sample: Tensor | None = None, *, 
     if sample.dim() < 3:
         raise OsbcError(f"sample must be time-major [T, B, ...], got shape {tuple(sample.shape)}")
     calls = trace(model, sample).calls
-    for i, c in enumerate(calls):
+    if not calls:
+        raise OsbcError("the model ran no layers on the sample")
+    for c in calls:
         if c.mode is None or c.out_mode is None:
             raise OsbcError(f"{c.name}: cannot tell time from batch in its calls {c.in_shapes[:3]} -> "
                             f"{c.out_shapes[:3]} for a [T={sample.shape[0]}, B={sample.shape[1]}] sample")
-        # the data flow must follow the call order: a residual add or a branch would be exported wrong
-        other = c.sources - {calls[i - 1]} if i else c.sources
-        if other:
-            raise OsbcError(f"{c.name}: its input comes from {', '.join(sorted(o.name for o in other))}, not "
-                            f"only from the layer called before it; NIR export handles chain-shaped models only")
-    if not calls:
-        raise OsbcError("the model ran no layers on the sample")
-    layer_nodes = _layer_nodes(calls, float(dt), fold_bn)
+        # NIR sums the inputs of a node: a merge must be a sum of equal shapes (checked below too)
+        if len(c.sources) > 1 and any(tuple(src.feat_out) != tuple(c.feat_in) for src in c.sources):
+            raise OsbcError(f"{c.name}: its inputs from {', '.join(sorted(src.name for src in c.sources))} have "
+                            f"shapes other than its input {tuple(c.feat_in)}; NIR can only sum a node's inputs")
+    layer_nodes, span = _layer_nodes(calls, float(dt), fold_bn)
     used: set = set()
+    keys = [_node_name(name, used) for name, _ in layer_nodes]
     nodes = {"input": nir.Input(input_type={"input": np.array(calls[0].feat_in)})}
-    edges, prev = [], "input"
-    for name, node in layer_nodes:
-        key = _node_name(name, used)
-        nodes[key] = node
-        edges.append((prev, key))
-        prev = key
+    nodes.update((k, node) for k, (_, node) in zip(keys, layer_nodes))
+
+    def ends(c) -> list[str]:
+        """The node keys that carry ``c``'s output (through calls that left no node)."""
+        if c in span:
+            return [keys[span[c][-1]]]
+        return [k for src in sorted(c.sources, key=lambda s: s.index) for k in ends(src)] or ["input"]
+
+    edges: list = []
+    for c, idx in span.items():
+        starts = [k for src in sorted(c.sources, key=lambda s: s.index) for k in ends(src)] or ["input"]
+        edges += [(a, keys[idx[0]]) for a in dict.fromkeys(starts)]
+        edges += [(keys[a], keys[b]) for a, b in zip(idx, idx[1:])]
     nodes["output"] = nir.Output(output_type={"output": np.array(calls[-1].feat_out)})
-    edges.append((prev, "output"))
+    edges += [(a, "output") for a in ends(calls[-1])]
     meta = {"source": "osbc", "dt": float(dt), "convention": CONVENTION}
     meta.update(metadata or {})
-    return nir.NIRGraph(nodes=nodes, edges=edges, metadata=meta)
+    graph = nir.NIRGraph(nodes=nodes, edges=edges, metadata=meta)
+    merges = [c.name for c in span if len(c.sources) > 1]
+    if merges:
+        # the trace sees which layers feed a merge, not how they are combined: check that it is a sum
+        y = run_model(model, sample)
+        y = y[0] if isinstance(y, tuple) else y
+        differ = (run_nir(graph, sample, dt=float(dt)).to(y.dtype) - y).abs() > 1e-4
+        if float(differ.float().mean()) > 1e-3:
+            raise OsbcError(f"{', '.join(merges)}: the exported graph (NIR sums the inputs of a node) does not "
+                            "reproduce the model on the sample: its inputs are combined by more than a sum, or its "
+                            "neurons do what NIR cannot say (see the warnings)")
+    return graph
 
 
 def export_nir(model: nn.Module, path: str | os.PathLike | None = None, dt: float = 1e-3,
@@ -445,87 +493,96 @@ def export_nir(model: nn.Module, path: str | os.PathLike | None = None, dt: floa
 # ---- a reference simulator ---------------------------------------------------------------------
 
 def run_nir(graph, x: Tensor, dt: float | None = None) -> Tensor:
-    """Simulate a chain-shaped NIR graph on ``x`` (``[T, B, ...]``) under the convention above;
-    returns the output sequence ``[T, B, ...]``. ``dt`` defaults to the graph's ``metadata["dt"]``.
-    Meant as a reference for checking exports, not for speed."""
-    import torch.nn.functional as F
+    """Simulate a NIR graph without cycles on ``x`` (``[T, B, ...]``) under the convention above (a
+    node's inputs are summed); returns the output sequence ``[T, B, ...]``. ``dt`` defaults to the
+    graph's ``metadata["dt"]``. Meant as a reference for checking exports, not for speed."""
+    from graphlib import CycleError, TopologicalSorter
 
     if dt is None:
         dt = float((graph.metadata or {}).get("dt", 1e-3))
-    succ = {a: b for a, b in graph.edges}
-    if len(succ) != len(graph.edges):
-        raise OsbcError("run_nir handles chain-shaped graphs only")
-    key = next(k for k, n in graph.nodes.items() if type(n).__name__ == "Input")
-    chain = []
-    while key in succ:
-        key = succ[key]
-        if type(graph.nodes[key]).__name__ != "Output":
-            chain.append(graph.nodes[key])
-
-    def t(a) -> Tensor:
-        return torch.as_tensor(np.asarray(a), dtype=torch.float64)
-
-    T, B = x.shape[:2]
-    state: dict[int, dict] = {}
+    preds: dict = {k: [] for k in graph.nodes}
+    for a, b in graph.edges:
+        preds[b].append(a)
+    try:
+        order = list(TopologicalSorter(preds).static_order())
+    except CycleError:
+        raise OsbcError("run_nir handles graphs without cycles only") from None
+    state: dict[str, dict] = {}
     outs = []
-    for step in range(T):
-        h = x[step].to(torch.float64)
-        for i, n in enumerate(chain):
-            kind = type(n).__name__
-            st = state.setdefault(i, {})
-            if kind == "Affine":
-                h = h @ t(n.weight).T + t(n.bias)
-            elif kind == "Linear":
-                h = h @ t(n.weight).T
-            elif kind == "Conv2d":
-                h = F.conv2d(h, t(n.weight), t(n.bias), tuple(int(v) for v in np.atleast_1d(n.stride)),
-                             tuple(int(v) for v in np.atleast_1d(n.padding)),
-                             tuple(int(v) for v in np.atleast_1d(n.dilation)), int(n.groups))
-            elif kind == "Conv1d":
-                h = F.conv1d(h, t(n.weight), t(n.bias), int(np.asarray(n.stride).reshape(-1)[0]),
-                             int(np.asarray(n.padding).reshape(-1)[0]), int(np.asarray(n.dilation).reshape(-1)[0]),
-                             int(n.groups))
-            elif kind == "Flatten":
-                start, end = int(n.start_dim), int(n.end_dim)  # batch-free dims; h has a batch dim
-                h = h.flatten(start + 1 if start >= 0 else start, end + 1 if end >= 0 else end)
-            elif kind == "SumPool2d":
-                k = tuple(int(v) for v in n.kernel_size)
-                h = F.avg_pool2d(h, k, tuple(int(v) for v in n.stride), tuple(int(v) for v in n.padding),
-                                 count_include_pad=True) * (k[0] * k[1])
-            elif kind == "AvgPool2d":
-                h = F.avg_pool2d(h, tuple(int(v) for v in n.kernel_size), tuple(int(v) for v in n.stride),
-                                 tuple(int(v) for v in n.padding))
-            elif kind == "Threshold":
-                h = (h > t(n.threshold)).to(h.dtype)
-            elif kind == "Scale":
-                h = h * t(n.scale)
-            elif kind in ("LIF", "IF", "LI", "I"):
-                v0 = t(n.v_leak) if hasattr(n, "v_leak") else t(n.v_reset) if hasattr(n, "v_reset") else 0
-                v = st.get("v", torch.zeros_like(h) + v0)
-                if kind in ("LIF", "LI"):
-                    v = v + dt / t(n.tau) * (t(n.v_leak) - v + t(n.r) * h)
-                else:
-                    v = v + dt * t(n.r) * h
-                if kind in ("LIF", "IF"):
-                    z = (v > t(n.v_threshold)).to(h.dtype)
-                    v = torch.where(z > 0, t(n.v_reset).expand_as(v), v)
-                    h = z
-                else:
-                    h = v
-                st["v"] = v
-            elif kind in ("CubaLIF", "CubaLI"):
-                i_s = st.get("i", torch.zeros_like(h))
-                v = st.get("v", torch.zeros_like(h) + t(n.v_leak))
-                i_s = i_s + dt / t(n.tau_syn) * (-i_s + t(n.w_in) * h)
-                v = v + dt / t(n.tau_mem) * (t(n.v_leak) - v + t(n.r) * i_s)
-                if kind == "CubaLIF":
-                    z = (v > t(n.v_threshold)).to(h.dtype)
-                    v = torch.where(z > 0, t(n.v_reset).expand_as(v), v)
-                    h = z
-                else:
-                    h = v
-                st["i"], st["v"] = i_s, v
-            else:
-                raise OsbcError(f"run_nir: node type {kind} is not supported")
-        outs.append(h)
+    for step in range(x.shape[0]):
+        vals: dict = {}
+        for key in order:
+            n = graph.nodes[key]
+            if type(n).__name__ == "Input":
+                vals[key] = x[step].to(torch.float64)
+                continue
+            h = sum(vals[p] for p in preds[key])
+            vals[key] = h if type(n).__name__ == "Output" else _step(n, h, state.setdefault(key, {}), dt)
+        outs.append(vals[next(k for k in order if type(graph.nodes[k]).__name__ == "Output")])
     return torch.stack(outs).to(x.dtype if x.is_floating_point() else torch.float32)
+
+
+def _t(a) -> Tensor:
+    return torch.as_tensor(np.asarray(a), dtype=torch.float64)
+
+
+def _step(n, h: Tensor, st: dict, dt: float) -> Tensor:
+    """One time step of NIR node ``n`` on input ``h`` (state in ``st``)."""
+    import torch.nn.functional as F
+
+    kind = type(n).__name__
+    if kind == "Affine":
+        h = h @ _t(n.weight).T + _t(n.bias)
+    elif kind == "Linear":
+        h = h @ _t(n.weight).T
+    elif kind == "Conv2d":
+        h = F.conv2d(h, _t(n.weight), _t(n.bias), tuple(int(v) for v in np.atleast_1d(n.stride)),
+                     tuple(int(v) for v in np.atleast_1d(n.padding)),
+                     tuple(int(v) for v in np.atleast_1d(n.dilation)), int(n.groups))
+    elif kind == "Conv1d":
+        h = F.conv1d(h, _t(n.weight), _t(n.bias), int(np.asarray(n.stride).reshape(-1)[0]),
+                     int(np.asarray(n.padding).reshape(-1)[0]), int(np.asarray(n.dilation).reshape(-1)[0]),
+                     int(n.groups))
+    elif kind == "Flatten":
+        start, end = int(n.start_dim), int(n.end_dim)  # batch-free dims; h has a batch dim
+        h = h.flatten(start + 1 if start >= 0 else start, end + 1 if end >= 0 else end)
+    elif kind == "SumPool2d":
+        k = tuple(int(v) for v in n.kernel_size)
+        h = F.avg_pool2d(h, k, tuple(int(v) for v in n.stride), tuple(int(v) for v in n.padding),
+                         count_include_pad=True) * (k[0] * k[1])
+    elif kind == "AvgPool2d":
+        h = F.avg_pool2d(h, tuple(int(v) for v in n.kernel_size), tuple(int(v) for v in n.stride),
+                         tuple(int(v) for v in n.padding))
+    elif kind == "Threshold":
+        h = (h > _t(n.threshold)).to(h.dtype)
+    elif kind == "Scale":
+        h = h * _t(n.scale)
+    elif kind in ("LIF", "IF", "LI", "I"):
+        v0 = _t(n.v_leak) if hasattr(n, "v_leak") else _t(n.v_reset) if hasattr(n, "v_reset") else 0
+        v = st.get("v", torch.zeros_like(h) + v0)
+        if kind in ("LIF", "LI"):
+            v = v + dt / _t(n.tau) * (_t(n.v_leak) - v + _t(n.r) * h)
+        else:
+            v = v + dt * _t(n.r) * h
+        if kind in ("LIF", "IF"):
+            z = (v > _t(n.v_threshold)).to(h.dtype)
+            v = torch.where(z > 0, _t(n.v_reset).expand_as(v), v)
+            h = z
+        else:
+            h = v
+        st["v"] = v
+    elif kind in ("CubaLIF", "CubaLI"):
+        i_s = st.get("i", torch.zeros_like(h))
+        v = st.get("v", torch.zeros_like(h) + _t(n.v_leak))
+        i_s = i_s + dt / _t(n.tau_syn) * (-i_s + _t(n.w_in) * h)
+        v = v + dt / _t(n.tau_mem) * (_t(n.v_leak) - v + _t(n.r) * i_s)
+        if kind == "CubaLIF":
+            z = (v > _t(n.v_threshold)).to(h.dtype)
+            v = torch.where(z > 0, _t(n.v_reset).expand_as(v), v)
+            h = z
+        else:
+            h = v
+        st["i"], st["v"] = i_s, v
+    else:
+        raise OsbcError(f"run_nir: node type {kind} is not supported")
+    return h
