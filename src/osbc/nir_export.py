@@ -3,11 +3,12 @@
     graph = osbc.export_nir(model, "net.nir", dt=1e-3, sample=x)   # x: [T, B, ...]
     nir.read("net.nir")
 
-Works for chain-shaped ("Sequential-like"; branching data flow is refused) models built from
-osbc's layers, spikingjelly, snntorch (models that loop over time in ``forward`` included) and
-norse. The layer order comes from one traced forward pass on ``sample`` (:func:`osbc.trace.trace`;
-``[T, B, ...]``, optional for osbc models, which know their input shape); every module's first call
-defines its place in the chain.
+Works for models built from osbc's layers, spikingjelly, snntorch (models that loop over time in
+``forward`` included) and norse. The graph comes from one traced forward pass on ``sample``
+(:func:`osbc.trace.trace`; ``[T, B, ...]``, optional for osbc models, which know their input
+shape): a node per layer, an edge from each layer whose output feeds another. A residual add
+becomes two edges into one node (NIR sums a node's inputs); a merge the sum does not reproduce on
+the sample (a product, a concatenation) is refused.
 A neuron's node is built from its dynamics in the neuron registry (:mod:`osbc.neurons`): decays,
 gain, threshold, reset value and reset mode.
 
@@ -26,7 +27,12 @@ spikingjelly's and snntorch's NIR exporters and importers: a NIR neuron is simul
 Any discrete first-order neuron ``v <- d v + g x + (1 - d) v_rest`` then maps exactly to
 ``LIF(tau = dt / (1 - d), r = g / (1 - d), v_leak = v_rest)`` (``LI`` if it never spikes, ``IF`` if
 ``d = 1``), and a synaptic stage ``i <- d1 i + x`` feeding it to ``CubaLIF(tau_syn = dt / (1 - d1),
-w_in = 1 / (1 - d1), ...)``; hence
+w_in = 1 / (1 - d1), ...)``. The importers accept only unit gains (``LIF`` r = 1, ``IF`` r = 1/dt,
+``CubaLIF`` w_in = tau_syn/dt and r = tau_mem/dt), so the input gain G (``g / (1 - d)``; ``g`` for
+IF; ``g1 g2`` for CubaLIF) is folded into the weights and bias of the layer before the neuron, which
+is exact; a neuron with no such layer (on the graph input, after a merge, or a per-neuron gain behind
+pooling) counts its voltage in units of G instead (threshold, reset and rest divided by G). Before
+folding:
 
 =========================================  =============================================
 ours                                       NIR
@@ -46,19 +52,23 @@ norse LI / LICell, LIBoxCell               CubaLI, LI
 
 With ``dt`` equal to a norse module's own ``dt`` this gives back its time constants.
 BatchNorm after a Linear/Conv is folded into that layer's weight and bias; Dropout and Identity
-are dropped; osbc's ``Voting`` becomes a fixed ``Linear``; ``MaxPool2d`` (legal only on binary
-spikes, checked on the sample) becomes ``SumPool2d`` + ``Threshold(0)``, which is the same
-function on spikes.
+are dropped; osbc's ``Voting`` becomes a fixed ``Linear``; ``AdaptiveAvgPool2d`` becomes
+``AvgPool2d`` when its output size divides its input size; ``MaxPool2d`` on binary spikes (checked
+on the sample) becomes ``AvgPool2d`` + a LIF that fires iff a spike is in the window (an OR, the
+same function on spikes; the importers have no ``Threshold`` node), and max pooling of anything
+else (before a neuron) is refused: NIR has no max pooling. ``Flatten`` is written with negative
+dims, which mean the same on NIR's batch-free shapes and on the importers' batched tensors.
 
 What NIR cannot say: reset by subtraction (soft reset: spikingjelly ``v_reset=None``, snntorch's
 default ``reset_mechanism="subtract"``) and no reset (snntorch ``"none"``) - exported as a reset to
 ``v_reset`` (0) with a warning;
 spikingjelly fires on ``v >= threshold`` where NIR says ``>``; snntorch's ``reset_delay``.
 
-Importers: snntorch 1.0's ``import_from_nir`` hard-codes ``dt = 1e-4`` (export with that dt);
-norse 1.1's ``from_nir`` maps ``LIF`` to ``LIFBoxCell`` and ignores ``r`` (exact for
-``decay_input=True``). Both pass NIR's batch-free ``Flatten`` dims to ``torch.nn.Flatten``
-unchanged. :func:`run_nir` simulates an exported graph under the convention above, as a reference.
+Importers (tests/test_nir_roundtrip.py): snntorch 1.0's ``import_from_nir`` hard-codes
+``dt = 1e-4`` (export with that dt) and maps ``IF`` to a leaky neuron; norse 1.1's ``from_nir``
+ignores ``r`` of ``LIF``/``IF`` and has no ``AvgPool2d``; spikingjelly 2.0's
+``nir_exchange.import_from_nir`` has no ``SumPool2d``. :func:`run_nir` simulates an exported graph
+under the convention above, as a reference.
 """
 
 from __future__ import annotations
@@ -75,6 +85,7 @@ from torch import Tensor, nn
 from .errors import OsbcError
 from .layers import WEIGHT_LAYERS
 from .neurons import Dynamics, dynamics_of
+from .nir_sim import run_nir
 from .trace import BATCH_NORMS, Call, run_model, trace
 
 __all__ = ["export_nir", "to_nir", "run_nir", "CONVENTION"]
@@ -488,101 +499,3 @@ def export_nir(model: nn.Module, path: str | os.PathLike | None = None, dt: floa
             if tmp.exists():
                 tmp.unlink()
     return graph
-
-
-# ---- a reference simulator ---------------------------------------------------------------------
-
-def run_nir(graph, x: Tensor, dt: float | None = None) -> Tensor:
-    """Simulate a NIR graph without cycles on ``x`` (``[T, B, ...]``) under the convention above (a
-    node's inputs are summed); returns the output sequence ``[T, B, ...]``. ``dt`` defaults to the
-    graph's ``metadata["dt"]``. Meant as a reference for checking exports, not for speed."""
-    from graphlib import CycleError, TopologicalSorter
-
-    if dt is None:
-        dt = float((graph.metadata or {}).get("dt", 1e-3))
-    preds: dict = {k: [] for k in graph.nodes}
-    for a, b in graph.edges:
-        preds[b].append(a)
-    try:
-        order = list(TopologicalSorter(preds).static_order())
-    except CycleError:
-        raise OsbcError("run_nir handles graphs without cycles only") from None
-    state: dict[str, dict] = {}
-    outs = []
-    for step in range(x.shape[0]):
-        vals: dict = {}
-        for key in order:
-            n = graph.nodes[key]
-            if type(n).__name__ == "Input":
-                vals[key] = x[step].to(torch.float64)
-                continue
-            h = sum(vals[p] for p in preds[key])
-            vals[key] = h if type(n).__name__ == "Output" else _step(n, h, state.setdefault(key, {}), dt)
-        outs.append(vals[next(k for k in order if type(graph.nodes[k]).__name__ == "Output")])
-    return torch.stack(outs).to(x.dtype if x.is_floating_point() else torch.float32)
-
-
-def _t(a) -> Tensor:
-    return torch.as_tensor(np.asarray(a), dtype=torch.float64)
-
-
-def _step(n, h: Tensor, st: dict, dt: float) -> Tensor:
-    """One time step of NIR node ``n`` on input ``h`` (state in ``st``)."""
-    import torch.nn.functional as F
-
-    kind = type(n).__name__
-    if kind == "Affine":
-        h = h @ _t(n.weight).T + _t(n.bias)
-    elif kind == "Linear":
-        h = h @ _t(n.weight).T
-    elif kind == "Conv2d":
-        h = F.conv2d(h, _t(n.weight), _t(n.bias), tuple(int(v) for v in np.atleast_1d(n.stride)),
-                     tuple(int(v) for v in np.atleast_1d(n.padding)),
-                     tuple(int(v) for v in np.atleast_1d(n.dilation)), int(n.groups))
-    elif kind == "Conv1d":
-        h = F.conv1d(h, _t(n.weight), _t(n.bias), int(np.asarray(n.stride).reshape(-1)[0]),
-                     int(np.asarray(n.padding).reshape(-1)[0]), int(np.asarray(n.dilation).reshape(-1)[0]),
-                     int(n.groups))
-    elif kind == "Flatten":
-        start, end = int(n.start_dim), int(n.end_dim)  # batch-free dims; h has a batch dim
-        h = h.flatten(start + 1 if start >= 0 else start, end + 1 if end >= 0 else end)
-    elif kind == "SumPool2d":
-        k = tuple(int(v) for v in n.kernel_size)
-        h = F.avg_pool2d(h, k, tuple(int(v) for v in n.stride), tuple(int(v) for v in n.padding),
-                         count_include_pad=True) * (k[0] * k[1])
-    elif kind == "AvgPool2d":
-        h = F.avg_pool2d(h, tuple(int(v) for v in n.kernel_size), tuple(int(v) for v in n.stride),
-                         tuple(int(v) for v in n.padding))
-    elif kind == "Threshold":
-        h = (h > _t(n.threshold)).to(h.dtype)
-    elif kind == "Scale":
-        h = h * _t(n.scale)
-    elif kind in ("LIF", "IF", "LI", "I"):
-        v0 = _t(n.v_leak) if hasattr(n, "v_leak") else _t(n.v_reset) if hasattr(n, "v_reset") else 0
-        v = st.get("v", torch.zeros_like(h) + v0)
-        if kind in ("LIF", "LI"):
-            v = v + dt / _t(n.tau) * (_t(n.v_leak) - v + _t(n.r) * h)
-        else:
-            v = v + dt * _t(n.r) * h
-        if kind in ("LIF", "IF"):
-            z = (v > _t(n.v_threshold)).to(h.dtype)
-            v = torch.where(z > 0, _t(n.v_reset).expand_as(v), v)
-            h = z
-        else:
-            h = v
-        st["v"] = v
-    elif kind in ("CubaLIF", "CubaLI"):
-        i_s = st.get("i", torch.zeros_like(h))
-        v = st.get("v", torch.zeros_like(h) + _t(n.v_leak))
-        i_s = i_s + dt / _t(n.tau_syn) * (-i_s + _t(n.w_in) * h)
-        v = v + dt / _t(n.tau_mem) * (_t(n.v_leak) - v + _t(n.r) * i_s)
-        if kind == "CubaLIF":
-            z = (v > _t(n.v_threshold)).to(h.dtype)
-            v = torch.where(z > 0, _t(n.v_reset).expand_as(v), v)
-            h = z
-        else:
-            h = v
-        st["i"], st["v"] = i_s, v
-    else:
-        raise OsbcError(f"run_nir: node type {kind} is not supported")
-    return h
