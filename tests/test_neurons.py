@@ -44,11 +44,13 @@ def test_one_registration_gives_kernel_reset_and_nir_node():
     pytest.importorskip("nir")
     from osbc.nir_export import to_nir
 
-    g = to_nir(nn.Sequential(nn.Linear(3, 2), Decaying(0.75, 0.5)), dt=1e-3, sample=torch.zeros(2, 1, 3))
+    model = nn.Sequential(nn.Linear(3, 2), Decaying(0.75, 0.5))
+    g = to_nir(model, dt=1e-3, sample=torch.zeros(2, 1, 3))
     lif = g.nodes["1"]
-    # v <- d v + g x is NIR's LIF with tau = dt / (1 - d), r = g / (1 - d)
+    # v <- d v + g x is NIR's LIF with tau = dt / (1 - d), r = g / (1 - d) = 2, folded into the weights
     assert type(lif).__name__ == "LIF"
-    assert float(lif.tau[0]) == pytest.approx(4e-3) and float(lif.r[0]) == pytest.approx(2.0)
+    assert float(lif.tau[0]) == pytest.approx(4e-3, rel=1e-6) and float(lif.r[0]) == 1.0
+    assert g.nodes["0"].weight == pytest.approx(2 * model[0].weight.detach().numpy())
 
 
 def test_dynamics_give_both_kernel_orders():

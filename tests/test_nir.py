@@ -92,7 +92,9 @@ def test_lif_parameter_convention():
     np.testing.assert_allclose(lif0.v_threshold, 0.5)
     np.testing.assert_allclose(lif0.v_leak, 0.0)
     np.testing.assert_allclose(lif1.tau, 3e-3, rtol=1e-6)
-    np.testing.assert_allclose(lif1.r, 3.0, rtol=1e-6)  # decay_input=False: input enters undivided
+    # decay_input=False: the input enters undivided, a gain of tau = 3 folded into the weights before
+    np.testing.assert_allclose(lif1.r, 1.0)
+    np.testing.assert_allclose(g.nodes["2"].weight, 3 * model[2].weight.detach().numpy(), rtol=1e-6)
     np.testing.assert_allclose(if2.r, 1 / dt, rtol=1e-6)
     np.testing.assert_allclose(if2.v_threshold, 2.0)
     np.testing.assert_allclose(plif.tau, 4e-3, rtol=1e-5)
@@ -204,19 +206,40 @@ def test_cli_export_nir(tmp_path, capsys):
     assert cli.main(["export-nir", str(ck), "-o", str(out)]) == 1  # exists, no --force
 
 
-def test_branching_model_is_refused():
-    """A residual add is not a chain: exporting the call order would silently drop the shortcut."""
+def test_residual_is_exported_as_a_graph():
+    """A residual add becomes two edges into one node (NIR sums a node's inputs), not a chain that
+    drops the shortcut; a merge that is not a sum is refused."""
 
     class Res(nn.Module):
-        def __init__(self):
+        def __init__(self, op):
             super().__init__()
-            self.fc1, self.fc2, self.lif = nn.Linear(4, 4), nn.Linear(4, 4), snn.LIF(2.0)
+            self.fc1, self.fc2, self.lif, self.op = nn.Linear(4, 4), nn.Linear(4, 4), snn.LIF(2.0), op
 
         def forward(self, x):
             a = self.fc1(x)
-            return self.lif(self.fc2(a) + a)
+            return self.lif(self.op(self.fc2(a), a))
 
-    with pytest.raises(OsbcError, match="fc1, not only from the layer called before it"):
-        export_nir(Res(), None, sample=torch.zeros(2, 1, 4))
-    short = nn.Sequential(nn.Linear(4, 4), snn.LIF(2.0))
-    export_nir(short, None, sample=torch.zeros(2, 1, 4))  # a chain still exports
+    torch.manual_seed(0)
+    model = _spiking(Res(torch.add), 3.0)
+    x = torch.randn(10, 3, 4) * 2
+    g = export_nir(model, None, sample=x)
+    assert sorted(g.edges) == sorted([("input", "fc1"), ("fc1", "fc2"), ("fc1", "lif"), ("fc2", "lif"),
+                                      ("lif", "output")])
+    y = _run(model, x)
+    assert 0.02 < float(y.mean()) < 0.9
+    assert float((run_nir(g, x) == y).float().mean()) >= AGREEMENT
+    with pytest.raises(OsbcError, match="does not reproduce the model .*lif: NIR sums a node.s inputs"):
+        export_nir(Res(torch.mul), None, sample=x)
+    with pytest.raises(OsbcError, match="lif: its inputs from fc1, fc2 have shapes"):
+        export_nir(Res(lambda a, b: torch.cat([a, b], -1)), None, sample=x)
+
+    class InputShortcut(nn.Module):  # the trace cannot see the raw input added: the run on the sample can
+        def __init__(self):
+            super().__init__()
+            self.fc, self.lif = nn.Linear(4, 4), snn.LIF(2.0)
+
+        def forward(self, x):
+            return self.lif(self.fc(x) + x)
+
+    with pytest.raises(OsbcError, match="does not reproduce the model .* not a module"):
+        export_nir(_spiking(InputShortcut(), 3.0), None, sample=x)
