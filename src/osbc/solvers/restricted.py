@@ -38,7 +38,10 @@ import torch
 from torch import Tensor
 
 from ..errors import OsbcError
+from .engine.greedy import _jit_module
+from .engine.workers import _chunks as _worker_chunks, _map, _workers
 from .obs import PrunePath, budget_counts, obs_path, prune_exact
+from .options import DEFAULT_OPTIONS
 from .pattern import _budget
 from .sweep import prune_sparsegpt
 
@@ -143,25 +146,42 @@ def _forward(Hd: Tensor, g: Tensor, dead: Tensor, steps: int, max_memory: int, d
     step adds one column of a pivoted Cholesky factor, c = (H_:j - C C_j:^T) / sqrt(s_j); then
     r -= c r_j / sqrt(s_j), s -= c^2, and the loss falls by 1/2 r_j^2 / s_j. O(d t) per step.
     Returns (order [r, steps] input indices, gain [r, steps] loss decreases made non-increasing;
-    -inf past the live inputs)."""
+    -inf past the live inputs). On CPU with numba the steps run compiled (``engine.jit``), a row
+    at a time, the rows shared by the worker threads; otherwise as batched torch ops."""
     R, d = g.shape
     a = torch.nonzero(~dead)[:, 0]
     n = int(a.numel())
     t_max = min(steps, n)
     Ha = Hd[a][:, a].to(dtype)
-    diag = Ha.diagonal()
+    G = g[:, a].to(dtype)
     order = torch.zeros(R, steps, dtype=torch.int64, device=g.device)
     gain = torch.full((R, steps), -float("inf"), dtype=torch.float64, device=g.device)
+    jit = _jit_module(g.device, DEFAULT_OPTIONS)
+    if jit is not None:
+        Hn, Gn, on, gn = Ha.numpy(), G.numpy(), order.numpy(), gain.numpy()
+        parts = _worker_chunks(R, -(-R // _workers(g.device, DEFAULT_OPTIONS)), _workers(g.device, DEFAULT_OPTIONS))
+        _map(lambda rr: jit.forward_select(Hn, Gn[rr], t_max, on[rr], gn[rr]), parts, len(parts))
+    else:
+        _forward_torch(Ha, G, t_max, order, gain, max_memory)
+    order[:, :t_max] = a[order[:, :t_max]]
+    return order, gain.cummin(1).values
+
+
+def _forward_torch(Ha: Tensor, G: Tensor, t_max: int, order: Tensor, gain: Tensor, max_memory: int) -> None:
+    """``_forward``'s steps as batched torch ops over row chunks (CUDA, or CPU without numba);
+    fills order (positions among the live inputs) and gain."""
+    R, n = G.shape
+    diag = Ha.diagonal()
     # a chunk's factor C is re-read at every step: keep it about cache-sized (2x faster than large chunks)
     c_max = max(1, min(max_memory, _FORWARD_CACHE) // (Ha.element_size() * n * (t_max + 8)))
     for r0 in range(0, R, c_max):
         rr = slice(r0, min(R, r0 + c_max))
-        r = g[rr][:, a].to(dtype)
+        r = G[rr].clone()
         c = r.shape[0]
         s = diag.expand(c, n).clone()
-        free = torch.ones(c, n, dtype=torch.bool, device=g.device)
-        C = torch.empty(c, t_max, n, dtype=dtype, device=g.device)
-        ar = torch.arange(c, device=g.device)
+        free = torch.ones(c, n, dtype=torch.bool, device=G.device)
+        C = torch.empty(c, t_max, n, dtype=G.dtype, device=G.device)
+        ar = torch.arange(c, device=G.device)
         for t in range(t_max):
             # a nearly dependent input (tiny Schur complement) lowers the loss by nothing that can
             # be trusted: such inputs come last, at zero gain, and leave r and s as they are
@@ -178,9 +198,8 @@ def _forward(Hd: Tensor, g: Tensor, dead: Tensor, steps: int, max_memory: int, d
             r -= col * at[:, None]
             s -= col * col
             free[ar, j] = False
-            order[rr, t] = a[j]
+            order[rr, t] = j
             gain[rr, t] = 0.5 * at.double() ** 2
-    return order, gain.cummin(1).values
 
 
 def _solve_kept(W: Tensor, Hd: Tensor, dead: Tensor, lam: float, g: Tensor, keep: Tensor, max_memory: int):

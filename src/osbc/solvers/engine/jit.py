@@ -1,4 +1,4 @@
-"""Compiled CPU kernel of the exact greedy's steps (numba, a dependency of osbc; the torch steps run without it).
+"""Compiled CPU kernels of the greedy's steps (numba, a dependency of osbc; the torch steps run without it).
 
 The greedy (``engine.greedy._greedy``) spends its time in two kinds of work: the batched downdate of
 H^-1 every B steps (large matrix products: torch does these well) and, at every step, a few dozen
@@ -7,6 +7,9 @@ so at n ~ 2000 the step costs more in dispatch than in arithmetic. Here the whol
 between two flushes is one compiled loop over rows and steps: one call per lazy batch instead of
 ~20 ops per step. The math is the torch path's, step for step (see ``engine.greedy._torch_steps``);
 only the summation order of the pending term differs, at rounding level.
+
+``forward_select`` does the same for the restricted solver's forward selection
+(``restricted._forward``), whose steps are a matrix-vector product and a few passes over n each.
 
 Imported lazily by ``engine.greedy``; without numba the torch path runs instead.
 """
@@ -102,3 +105,67 @@ def greedy_steps(A, shared, U, j0, k, n, w, pd, quant, sc, qmin, qmax, nm, gid, 
                     for i in range(n):
                         if gid[r, i] == g:
                             pen[i] = inf
+
+
+@numba.njit(nogil=True, cache=True, boundscheck=False)
+def forward_select(Ha, G, t_max, order, gain):   # pragma: no cover  (compiled; tested via solvers)
+    """Forward selection (orthogonal least squares) of ``t_max`` inputs for each row of G [c, n],
+    Gram matrix Ha [n, n]: the math of ``restricted._forward``'s torch loop, step for step (there
+    the factor's column is a batched product; here a row's factor C [t, n] stays in cache and the
+    per-step passes over n are fused). Writes the chosen positions to order[:, :t_max] and the
+    loss decreases 1/2 r_j^2 / s_j to gain[:, :t_max]."""
+    c, n = G.shape
+    dt = G.dtype
+    C = np.empty((t_max, n), dt)
+    r = np.empty(n, dt)
+    s = np.empty(n, dt)
+    col = np.empty(n, dt)
+    free = np.empty(n, np.bool_)
+    f = np.empty(2, dt)          # the step's scalars in G's precision (keeps the fused pass in float32)
+    tiny = 1e-30
+    for row in range(c):
+        for i in range(n):
+            r[i] = G[row, i]
+            s[i] = Ha[i, i]
+            free[i] = True
+        for t in range(t_max):
+            # choose: the first maximum of r^2 / s over free inputs whose Schur complement is not
+            # vanishing; nearly dependent ones score -1 (they come last, at zero gain)
+            best = -2.0
+            j = 0
+            for i in range(n):
+                if free[i]:
+                    sc = r[i] * r[i] / max(s[i], tiny) if s[i] > 1e-6 * Ha[i, i] else -1.0
+                    if sc > best:
+                        best = sc
+                        j = i
+            ok = best >= 0.0
+            sj = np.sqrt(max(s[j], tiny)) if ok else 1.0
+            # column t of the pivoted Cholesky factor: (H_:j - C^T C_:j) / sqrt(s_j), 4 rows at a time
+            for i in range(n):
+                col[i] = Ha[j, i]
+            u = 0
+            while u + 4 <= t:
+                a0, a1, a2, a3 = C[u, j], C[u + 1, j], C[u + 2, j], C[u + 3, j]
+                c0, c1, c2, c3 = C[u], C[u + 1], C[u + 2], C[u + 3]
+                for i in range(n):
+                    col[i] -= a0 * c0[i] + a1 * c1[i] + a2 * c2[i] + a3 * c3[i]
+                u += 4
+            while u < t:
+                a0 = C[u, j]
+                c0 = C[u]
+                for i in range(n):
+                    col[i] -= a0 * c0[i]
+                u += 1
+            f[0] = 1.0 / sj if ok else 0.0
+            f[1] = r[j] / sj if ok else 0.0
+            scale, at = f[0], f[1]
+            Ct = C[t]
+            for i in range(n):
+                v = col[i] * scale
+                Ct[i] = v
+                r[i] -= v * at
+                s[i] -= v * v
+            free[j] = False
+            order[row, t] = j
+            gain[row, t] = 0.5 * np.float64(at) ** 2
