@@ -92,15 +92,25 @@ def _positions(mask: Tensor) -> tuple[Tensor, Tensor]:
     return pos, torch.arange(m, device=mask.device)[None] < cnt[:, None]
 
 
-def _chunks(size: Tensor, max_memory: int, per_entry: int):
+def _chunks(size: Tensor, max_memory: int, per_entry: int, workers: int = 1) -> list[Tensor]:
     """Row index chunks, rows sorted by ``size`` (padding stays small), each chunk's per_entry *
-    c * m^2 bytes under max_memory (sizes ascend: a chunk's last row bounds its m)."""
+    c * m^2 bytes under max_memory / workers (sizes ascend: a chunk's last row bounds its m), and
+    at least ``workers`` chunks where there are rows enough (so every worker gets one)."""
     srt = torch.sort(size, stable=True).indices
-    R, i = len(srt), 0
+    R, i, out = len(srt), 0, []
+    cap = max(1, -(-R // workers))
     while i < R:
-        c = max(1, min(R - i, max_memory // (per_entry * max(int(size[srt[min(R - 1, i + 63)]]), 1) ** 2)))
-        yield srt[i:i + c]
+        c = max(1, min(R - i, cap, max_memory // workers // (per_entry * max(int(size[srt[min(R - 1, i + 63)]]), 1) ** 2)))
+        out.append(srt[i:i + c])
         i += c
+    return out
+
+
+def _on_workers(fn, chunks: list, device) -> None:
+    """fn(chunk) for every chunk, on one worker thread per core (CPU), each with one intra-op
+    thread: the chunks' batched small factorizations do not speed up with threads, and on a busy
+    machine MKL's threaded batched Cholesky stalls (measured 6x slower on 2 threads than on 1)."""
+    _map(fn, chunks, _workers(device, DEFAULT_OPTIONS))
 
 
 def _subproblem(Hd: Tensor, g: Tensor, mask: Tensor):
@@ -124,11 +134,13 @@ def _restricted_paths(W: Tensor, Hd: Tensor, g: Tensor, cand: Tensor, max_memory
     M = max(int(cand.sum(1).max()), 1)
     order = torch.zeros(R, M, dtype=torch.int64, device=W.device)
     loss = torch.full((R, M), float("inf"), dtype=torch.float64, device=W.device)
-    for rr in _chunks(cand.sum(1), max_memory, 48):    # the path holds ~6 m x m float64 per row
+    workers = _workers(W.device, DEFAULT_OPTIONS)
+
+    def one(rr):
         pos, valid, Hc, v = _subproblem(Hd, g[rr], cand[rr])
         m = pos.shape[1]
         # the padding has a zero diagonal: dead inputs, which the path removes first at zero loss
-        path = obs_path(v.to(W.dtype), Hc, damp=0.0, max_memory=max_memory)
+        path = obs_path(v.to(W.dtype), Hc, damp=0.0, max_memory=max_memory // workers)
         npad = (~valid).sum(1, keepdim=True)
         step = (npad + torch.arange(m, device=W.device)[None]).clamp_max(m - 1)
         real = torch.arange(m, device=W.device)[None] < (m - npad)
@@ -136,6 +148,8 @@ def _restricted_paths(W: Tensor, Hd: Tensor, g: Tensor, cand: Tensor, max_memory
         loss[rr, :m] = torch.where(real, path.loss.to(torch.float64).gather(1, step), float("inf"))
         if bar is not None:
             bar.update(len(rr))
+    # the path holds ~6 m x m float64 per row
+    _on_workers(one, _chunks(cand.sum(1), max_memory, 48, workers), W.device)
     return order, loss
 
 
@@ -159,8 +173,8 @@ def _forward(Hd: Tensor, g: Tensor, dead: Tensor, steps: int, max_memory: int, d
     jit = _jit_module(g.device, DEFAULT_OPTIONS)
     if jit is not None:
         Hn, Gn, on, gn = Ha.numpy(), G.numpy(), order.numpy(), gain.numpy()
-        parts = _worker_chunks(R, -(-R // _workers(g.device, DEFAULT_OPTIONS)), _workers(g.device, DEFAULT_OPTIONS))
-        _map(lambda rr: jit.forward_select(Hn, Gn[rr], t_max, on[rr], gn[rr]), parts, len(parts))
+        workers = _workers(g.device, DEFAULT_OPTIONS)
+        _map(lambda rr: jit.forward_select(Hn, Gn[rr], t_max, on[rr], gn[rr]), _worker_chunks(R, -(-R // workers), workers), workers)
     else:
         _forward_torch(Ha, G, t_max, order, gain, max_memory)
     order[:, :t_max] = a[order[:, :t_max]]
@@ -207,10 +221,12 @@ def _solve_kept(W: Tensor, Hd: Tensor, dead: Tensor, lam: float, g: Tensor, keep
     undamped H: dw^T H_damped dw = w^T g - g_S^T v_S at the optimum, less the damping's share."""
     out = torch.zeros_like(W, dtype=torch.float64)
     energy = torch.zeros(W.shape[0], dtype=torch.float64, device=W.device)
-    for rr in _chunks(keep.sum(1), max_memory, 24):
+
+    def one(rr):
         pos, valid, _, v = _subproblem(Hd, g[rr], keep[rr])
         out[rr] = out[rr].scatter_add_(1, pos, v)
         energy[rr] = (g[rr].gather(1, pos) * v).sum(1)
+    _on_workers(one, _chunks(keep.sum(1), max_memory, 24, _workers(W.device, DEFAULT_OPTIONS)), W.device)
     w = W.to(torch.float64)
     dw = out - w
     # H_damped - H is lam on the diagonal, plus 1 on dead inputs (decoupled with a unit diagonal)
