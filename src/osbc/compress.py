@@ -40,11 +40,12 @@ __all__ = ["prune", "quantize", "inspect", "auto_solver", "Compressed", "PruneCo
 # 23 s with the torch ones. CUDA: an untimed guess.
 _FLOPS = {"cpu": 1e11, "cuda": 5e12}
 _AUTO_SECONDS = 60.0
-# The restricted greedy's cost is dominated by its forward selection, ~R d T^2 / 2 multiply-adds with
-# T = 1.25 widen (1 - s) d + 16 steps per row, at a lower rate than the exact solver's batched
-# updates (small per-step kernels): timed against prune_exact in one process (spike Hessian,
-# 128x1536, one thread, loaded machine), one such unit cost 47x an exact flop at 97% and 30x at 90%.
-_RESTRICTED_COST = 40.0
+# The restricted greedy's cost grows as its forward selection's, ~R d T^2 / 2 multiply-adds with
+# T = 1.25 widen (1 - s) d + 16 steps per row (the per-row subproblems add about as much again at
+# 90-95%). Timed on one thread of a loaded 2-core machine (bench/bench_frontier.py, compiled forward
+# selection): one such unit cost 10-14x an exact flop at 90-95% on 256x2312 and 500x2048, ~20x at 97%
+# (fixed costs weigh more there).
+_RESTRICTED_COST = 12.0
 # Below this sparsity the candidate support is large (restricted is barely faster than exact and
 # often falls back to it): auto then chooses between exact and fast only.
 _RESTRICTED_MIN_SPARSITY = 0.9
@@ -228,7 +229,7 @@ def prune(model: nn.Module, calib, sparsity: float | None = None, *, config: Pru
             OBS losses, relative to each layer's membrane energy).
             solver: ``"exact"`` (greedy OBS, one weight per step), ``"blocked"`` (d/256 per step),
             ``"fast"`` (SparseGPT column sweep), ``"restricted"`` (the exact greedy on a candidate
-            support 1.5x the kept one, found by forward selection: near-exact at 90-99%, far
+            support 1.25x the kept one, found by forward selection: near-exact at 90-99%, far
             faster) or ``"auto"`` (see :func:`auto_solver`).
             calibration: ``"dense"`` or ``"sequential"``.
             nm: ``"2:4"``-style semi-structured pattern (keep N of every M consecutive inputs; a
@@ -303,7 +304,8 @@ def auto_solver(R: int, d: int, sparsity: float, device_type: str = "cpu", *, pr
     """What ``solver="auto"`` runs on a layer [R, d] pruned to ``sparsity`` (quantization: 1.0).
 
     Estimated times: exact, 2/3 R (d^3 - ((1 - s) d)^3) flops at ``_FLOPS``; restricted,
-    ``_RESTRICTED_COST`` R d T^2 / 2 flops with T = 1.25 x 1.5 (1 - s) d + 16. For pruning at
+    ``_RESTRICTED_COST`` R d T^2 / 2 flops with T = 1.25 widen (1 - s) d + 16 (widen =
+    ``solvers.restricted.DEFAULT_WIDEN``). For pruning at
     sparsity >= 0.9 without an N:M pattern, "restricted" when its estimate is under
     ``seconds`` (the config's ``auto_seconds``, default 60) and under exact's: there it matched or beat the exact greedy's membrane error
     on every layer measured (README, frontier), at a fraction of its time. Otherwise "exact" when its

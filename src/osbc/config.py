@@ -131,7 +131,7 @@ class PruneConfig(CompressConfig):
     ``"global"`` (from the OBS losses); ``nm``: ``"2:4"``-style pattern, keep N of every M
     consecutive inputs (stored as a tuple); ``solver``: ``"exact"`` (greedy OBS, one weight per
     step), ``"blocked"`` (d/256 per step), ``"fast"`` (SparseGPT), ``"restricted"`` (the exact
-    greedy on a forward-selected candidate support 1.5x the kept one) or ``"auto"``."""
+    greedy on a forward-selected candidate support 1.25x the kept one) or ``"auto"``."""
 
     sparsity: float = 0.97
     allocation: str = "lamp"

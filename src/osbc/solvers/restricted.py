@@ -47,7 +47,7 @@ from .sweep import prune_sparsegpt
 
 __all__ = ["prune_restricted", "DEFAULT_WIDEN"]
 
-DEFAULT_WIDEN = 1.5              # candidate set = this many times the kept support
+DEFAULT_WIDEN = 1.25             # candidate set = this many times the kept support (1.5: ~1% lower error, ~1.3x the time)
 _DEFAULT_MAX_MEMORY = 384 * 2 ** 20
 _FORWARD_CACHE = 16 * 2 ** 20    # bytes of a forward-selection chunk's factor
 _EXACT_SHARE = 0.5               # above this share of live inputs in C, run the exact greedy instead
@@ -186,8 +186,10 @@ def _forward_torch(Ha: Tensor, G: Tensor, t_max: int, order: Tensor, gain: Tenso
     fills order (positions among the live inputs) and gain."""
     R, n = G.shape
     diag = Ha.diagonal()
-    # a chunk's factor C is re-read at every step: keep it about cache-sized (2x faster than large chunks)
-    c_max = max(1, min(max_memory, _FORWARD_CACHE) // (Ha.element_size() * n * (t_max + 8)))
+    # a chunk's factor C is re-read at every step: on CPU keep it about cache-sized (2x faster than
+    # large chunks); a GPU wants many rows per step instead
+    cap = max_memory if G.is_cuda else min(max_memory, _FORWARD_CACHE)
+    c_max = max(1, cap // (Ha.element_size() * n * (t_max + 8)))
     for r0 in range(0, R, c_max):
         rr = slice(r0, min(R, r0 + c_max))
         r = G[rr].clone()
