@@ -1,0 +1,11 @@
+#!/usr/bin/env bash
+# On a machine with an NVIDIA GPU and a CUDA build of torch: the CUDA-vs-CPU tests, then the
+# pruning frontier timed on the GPU (a few minutes). PYTHON selects the interpreter.
+set -euo pipefail
+PY=${PYTHON:-python}
+cd "$(dirname "$0")/.."
+"$PY" -c "import torch; assert torch.cuda.is_available(), 'no CUDA here'; print(torch.cuda.get_device_name())"
+"$PY" -m pytest -q tests/test_cuda.py tests/test_restricted.py -k "cuda or Cuda or test_cuda"
+cd bench
+"$PY" bench_frontier.py --device cuda --shapes 256x2312,512x4608 --sparsities 0.9,0.97 --variants "" \
+    --repeat 2 --json cuda_frontier.json --png cuda_frontier.png
