@@ -108,6 +108,7 @@ def prune_point(model, calib, test, sparsity: float, solver: str, args, device) 
 
 
 def run_dataset(name: str, args, device) -> tuple[dict, list[dict]]:
+    import osbc
     from osbc import data as D
 
     t0 = time.perf_counter()
@@ -115,7 +116,6 @@ def run_dataset(name: str, args, device) -> tuple[dict, list[dict]]:
     epochs = args.epochs or EPOCHS[name]
     model, record = trained_model(train, desc, epochs, args.seed, args.cache, args.threads)
     test_xy = (test.X, test.y)
-    import osbc
     dense = osbc.evaluate(model, test_xy, device=device, stats=False).accuracy
     info = dict(dataset=name, train_samples=len(train), test_samples=len(test), frames=int(train.X.shape[1]),
                 epochs=epochs, dense_test_accuracy=dense, training=record, cached=record is None,
@@ -138,19 +138,25 @@ def plot(infos: list[dict], rows: list[dict], path: str):
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
     fig, axes = plt.subplots(1, len(infos), figsize=(5 * len(infos), 3.8), squeeze=False)
-    markers = dict(zip(SOLVERS, "osD^"))
+    # auto runs restricted on the large layer, so its marker is drawn hollow and larger around it
+    style = dict(exact=dict(marker="o"), fast=dict(marker="s"), restricted=dict(marker="D"),
+                 auto=dict(marker="o", ms=11, mfc="none"))
     for ax, info in zip(axes[0], infos):
         name = info["dataset"]
         for sv in dict.fromkeys(r["solver"] for r in rows):
-            pts = [r for r in rows if r["dataset"] == name and r["solver"] == sv]
-            ax.plot([r["seconds"] for r in pts], [100 * r["test_accuracy"] for r in pts], markers.get(sv, "o"),
-                    label=sv, alpha=0.8)
-            for r in pts:
+            pts = sorted((r for r in rows if r["dataset"] == name and r["solver"] == sv), key=lambda r: r["sparsity"])
+            ax.plot([r["seconds"] for r in pts], [100 * r["test_accuracy"] for r in pts], ls="-", lw=0.6,
+                    label=sv, **style.get(sv, dict(marker="o")))
+            for r in pts if sv != "auto" else []:
                 ax.annotate(f"{100 * r['sparsity']:g}%", (r["seconds"], 100 * r["test_accuracy"]), fontsize=6,
-                            xytext=(3, 2), textcoords="offset points")
+                            xytext=(4, -8), textcoords="offset points")
         ax.axhline(100 * info["dense_test_accuracy"], color="grey", ls="--", lw=0.8, label="dense")
         ax.set_xscale("log")
+        ax.xaxis.set_major_locator(matplotlib.ticker.LogLocator(subs=(1.0, 2.0, 5.0)))
+        ax.xaxis.set_major_formatter(matplotlib.ticker.FormatStrFormatter("%g"))
+        ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
         ax.set_title(f"{name} (nmnist_mlp, T={info['frames']}, {info['test_samples']} test samples)", fontsize=9)
         ax.set_xlabel("seconds of osbc.prune")
         ax.set_ylabel("test accuracy (%)")
@@ -182,11 +188,14 @@ def _list(kind, choices=None):
 
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--datasets", type=_list(str, DATASETS), default=list(DATASETS))
-    ap.add_argument("--sparsities", type=_list(float), default=[0.9, 0.95, 0.97, 0.99])
-    ap.add_argument("--solvers", type=_list(str, SOLVERS), default=list(SOLVERS))
+    ap.add_argument("--datasets", type=_list(str, DATASETS), default=list(DATASETS),
+                    help=f"comma-separated, from {', '.join(DATASETS)} (default: all)")
+    ap.add_argument("--sparsities", type=_list(float), default=[0.9, 0.95, 0.97, 0.99],
+                    help="comma-separated (default: 0.9,0.95,0.97,0.99)")
+    ap.add_argument("--solvers", type=_list(str, SOLVERS), default=list(SOLVERS),
+                    help=f"comma-separated, from {', '.join(SOLVERS)} (default: all)")
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
-    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--device", default="cpu", help="where to prune and evaluate (cpu, cuda, ...)")
     ap.add_argument("--calib", type=int, default=256, help="calibration samples from the training split")
     ap.add_argument("--epochs", type=int, default=None,
                     help=f"training epochs (default: {', '.join(f'{k} {v}' for k, v in EPOCHS.items())})")
@@ -194,10 +203,10 @@ def main(argv=None) -> dict:
                     help="at most this many samples per split (a quick run; the temporal task draws that many)")
     ap.add_argument("--auto-seconds", type=float, default=None,
                     help="solver=auto's per-layer time budget (default: osbc's)")
-    ap.add_argument("--seed", type=int, default=0, help="seeds the data, the training and the calibration draw")
+    ap.add_argument("--seed", type=int, default=0, help="seeds the temporal task, the training and the calibration draw")
     ap.add_argument("--cache", default=os.path.join(os.environ.get("OSBC_CACHE", os.path.expanduser("~/.cache/osbc")),
                                                     "bench"), help="where the trained models are kept")
-    ap.add_argument("--json", default="bench_accuracy.json")
+    ap.add_argument("--json", default="bench_accuracy.json", help="the results, rewritten after each data set")
     ap.add_argument("--png", default="bench_accuracy.png", help="test accuracy vs seconds ('' for no plot)")
     args = ap.parse_args(argv)
     import torch
