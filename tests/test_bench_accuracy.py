@@ -65,9 +65,9 @@ def test_bad_sizes():
 def test_tiny_bench_run(tmp_path):
     import bench_accuracy
     out = tmp_path / "acc.json"
-    res = bench_accuracy.main(["--datasets", "temporal", "--limit", "100", "--epochs", "1", "--calib", "20",
-                               "--sparsities", "0.95", "--solvers", "fast", "--threads", "1",
-                               "--cache", str(tmp_path / "cache"), "--json", str(out), "--png", ""])
+    argv = ["--datasets", "temporal", "--limit", "100", "--epochs", "1", "--calib", "20", "--sparsities", "0.95",
+            "--solvers", "fast", "--threads", "1", "--cache", str(tmp_path / "cache"), "--png", ""]
+    res = bench_accuracy.main(argv + ["--json", str(out)])
     saved = json.loads(out.read_text())
     assert saved["rows"] == json.loads(json.dumps(res["rows"]))
     (info,) = saved["datasets"]
@@ -80,3 +80,10 @@ def test_tiny_bench_run(tmp_path):
     assert abs(row["achieved_sparsity"] - 0.95) < 1e-3 and row["membrane_error"] > 0 and row["seconds"] > 0
     assert {"command", "threads", "loadavg"} <= set(saved["meta"])
     assert list((tmp_path / "cache").glob("temporal_mlp_*.safetensors"))
+    # a second run reads the trained model back from the cache and measures the same accuracies
+    again = bench_accuracy.main(argv + ["--json", str(tmp_path / "again.json")])
+    assert again["datasets"][0]["cached"]
+    assert again["datasets"][0]["dense_test_accuracy"] == info["dense_test_accuracy"]
+    # the same weights (not the seeded initialisation): the same membrane error to the last bit
+    assert again["rows"][0]["membrane_error"] == row["membrane_error"]
+    assert again["rows"][0]["test_accuracy"] == row["test_accuracy"]
