@@ -46,8 +46,8 @@ def refine_on_grid(W: Tensor, H, grid: Grid, Q: Tensor, *, keep_mask: Tensor | N
                    max_memory: int = DEFAULT_MAX_MEMORY) -> Tensor:
     """Lower 1/2 (q - w)^T (H + lambda I) (q - w) of every row from the grid point ``Q`` by cyclic
     exact coordinate descent, each coordinate moved to its best grid point given the others
-    (never up); at most ``passes`` passes over the columns. Weights where keep_mask is False stay
-    as in Q. ``H``: [d, d] or ``(rows, H)`` groups, each sharing one H."""
+    (never up); at most ``passes`` passes over the columns. Pruned weights (keep_mask False) are 0
+    in the result (give Q zero there: the loss is that of Q with them zeroed). ``H``: [d, d] or ``(rows, H)`` groups, each sharing one H."""
     if Q.shape != W.shape:
         raise OsbcError(f"Q {tuple(Q.shape)} must have W's shape {tuple(W.shape)}")
     return per_group(W, groups(H), lambda Wg, Hg, rows: _refine(
