@@ -73,6 +73,24 @@ def test_never_worse_than_gptq_row_by_row_and_on_the_grid(bits, dtype):
     assert float(got.sum()) < float(ref.sum())      # and it does improve on it
 
 
+def test_exact_start_never_above_exact_row_by_row():
+    """Both starts refined, per row the best of four: never above quantize_exact (OBQ or GPTQ per
+    row) in its own measure, and below it on the layer."""
+    W = torch.randn(12, 24, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
+    H = spd(24, 9)
+    keep = torch.rand(W.shape, generator=torch.Generator().manual_seed(5)) > 0.2
+    W = W * keep
+    g = fit_grid(W, 2)
+    Q = S.quantize_refined(W, H, g, start="exact", keep_mask=keep)
+    ex = S.quantize_exact(W, H, g, keep_mask=keep)
+    assert bool((Q[~keep] == 0).all()) and torch.equal(g.quantize(Q), Q)
+    assert bool((row_loss(Q, W, H) <= row_loss(ex, W, H)).all())
+    assert float(row_loss(Q, W, H).sum()) < float(row_loss(ex, W, H).sum())
+    assert bool((row_loss(Q, W, H) <= row_loss(S.quantize_refined(W, H, g, keep_mask=keep), W, H)).all())
+    with pytest.raises(OsbcError, match="start"):
+        S.quantize_refined(W, H, g, start="obq")
+
+
 def test_zero_passes_is_gptq():
     W, H = layer(8, 20)
     g = fit_grid(W, 3)
@@ -109,9 +127,10 @@ def test_groups_equal_each_group_alone():
     rows = [torch.tensor([0, 3, 4, 8]), torch.tensor([1, 2, 5, 6, 7])]
     gs = list(zip(rows, [spd(16, 1), spd(16, 2)]))
     g = fit_grid(W, 3)
-    Q = S.quantize_refined(W, gs, g)
-    for r, H in gs:
-        assert torch.equal(Q[r], S.quantize_refined(W[r], H, g.select(r)))
+    for start in ("gptq", "exact"):
+        Q = S.quantize_refined(W, gs, g, start=start)
+        for r, H in gs:
+            assert torch.equal(Q[r], S.quantize_refined(W[r], H, g.select(r), start=start))
 
 
 def test_deterministic_and_chunking_does_not_change_the_result():
@@ -152,19 +171,32 @@ def small_mlp(seed=0):
     return m
 
 
-def test_quantize_end_to_end_and_auto_picks_refined():
+@pytest.mark.parametrize("R, d, seconds, want", [
+    (256, 2312, 60.0, "exact-refined"),       # the digits MLP's first layer: exact ~21 s
+    (512, 4608, 60.0, "refined"),             # exact ~330 s
+    (256, 2312, 10.0, "refined"),             # a tighter budget
+])
+def test_auto_rule_for_quantization(R, d, seconds, want):
+    from osbc.compress import auto_solver
+    assert auto_solver(R, d, 1.0, pruning=False, seconds=seconds) == want
+
+
+def test_quantize_end_to_end_and_auto():
     calib = spikes(48, 8, 120, rate=0.15, dead=0.2)
-    res = {s: osbc.quantize(small_mlp(), calib, bits=2, solver=s, verbose=False) for s in ("fast", "refined", "auto")}
-    assert [l.solver for l in res["refined"].report] == ["refined", "refined"]
-    assert [l.solver for l in res["auto"].report] == ["refined", "refined"]
+    solvers = ("fast", "exact", "refined", "exact-refined", "auto")
+    res = {s: osbc.quantize(small_mlp(), calib, bits=2, solver=s, verbose=False) for s in solvers}
+    for s in ("refined", "exact-refined"):
+        assert [l.solver for l in res[s].report] == [s, s]
+    assert [l.solver for l in res["auto"].report] == ["exact-refined"] * 2     # small layers: exact affordable
     for name in ("fc1", "fc2"):
-        w = getattr(res["refined"].model, name).weight.detach()
-        assert torch.equal(getattr(res["auto"].model, name).weight, w)
-        g = fit_grid(getattr(small_mlp(), name).weight.detach(), 2)
-        assert torch.equal(g.quantize(w), w)
-    # fc1 sees the dense inputs in both runs, so its membrane error is refined's own objective
+        for s in ("refined", "exact-refined"):
+            w = getattr(res[s].model, name).weight.detach()
+            g = fit_grid(getattr(small_mlp(), name).weight.detach(), 2)
+            assert torch.equal(g.quantize(w), w)
+        assert torch.equal(getattr(res["auto"].model, name).weight, getattr(res["exact-refined"].model, name).weight)
+    # fc1 sees the dense inputs in every run, so its membrane error is the solvers' own objective
     err = {s: r.report.layers[0].membrane_error for s, r in res.items()}
-    assert err["refined"] < err["fast"]
+    assert err["refined"] < err["fast"] and err["exact-refined"] < err["exact"]
 
 
 def test_cli_offers_refined_for_quantize_only(capsys):
@@ -176,6 +208,7 @@ def test_cli_offers_refined_for_quantize_only(capsys):
         p.parse_args(["prune", "--model", "m.safetensors", "--sparsity", "0.9", "--out", "p.safetensors",
                       "--solver", "refined"])
     assert "invalid choice: 'refined'" in capsys.readouterr().err
-    assert QuantConfig(solver="refined").solver == "refined"
-    with pytest.raises(OsbcError, match="solver"):
-        PruneConfig(solver="refined")
+    assert QuantConfig(solver="exact-refined").solver == "exact-refined"
+    for s in ("refined", "exact-refined"):
+        with pytest.raises(OsbcError, match="solver"):
+            PruneConfig(solver=s)

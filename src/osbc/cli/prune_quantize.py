@@ -25,8 +25,10 @@ _METHOD_HELP = {
 }
 
 _QUANT_SOLVER_HELP = ("exact: OBQ greedy (each row the better of OBQ and GPTQ); fast: GPTQ column sweep; refined: "
-                      "GPTQ, then exact coordinate descent on the grid (lower error than exact, a few sweeps' "
-                      "cost); auto: refined")
+                      "GPTQ, then exact coordinate descent on the grid (a few sweeps' cost); exact-refined: OBQ's "
+                      "and GPTQ's results both refined, per row the best (never above exact's error, exact's "
+                      "cost); auto: exact-refined where exact's estimated time is under --auto-seconds per "
+                      "layer, else refined")
 
 
 def _add_shared(p: argparse.ArgumentParser, task: str) -> None:
