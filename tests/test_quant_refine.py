@@ -151,11 +151,12 @@ def test_per_row_hessians_are_refused():
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-def test_cuda_matches_cpu():
+@pytest.mark.parametrize("start", ["gptq", "exact"])
+def test_cuda_matches_cpu(start):
     W, H = layer(64, 96, seed=2)
     g = fit_grid(W, 2)
-    cpu = S.quantize_refined(W, H, g)
-    gpu = S.quantize_refined(W.cuda(), H.cuda(), g.to("cuda"))
+    cpu = S.quantize_refined(W, H, g, start=start)
+    gpu = S.quantize_refined(W.cuda(), H.cuda(), g.to("cuda"), start=start)
     assert gpu.device.type == "cuda"
     lc, lg = row_loss(cpu, W, H), row_loss(gpu.cpu(), W, H)
     assert torch.allclose(lc, lg, rtol=1e-9)

@@ -9,7 +9,7 @@ Modules: ``reference`` (the greedy in plain numpy: the equations), ``damping`` (
 its inverse), ``obs`` (exact and blocked greedy pruning: paths, budgets), ``fixed_support`` (the
 optimum on a kept support), ``obq`` (exact quantization), ``restricted`` (the exact greedy
 on a forward-selected candidate support: near-exact at high sparsity, far faster), ``sweep``
-(SparseGPT, GPTQ), ``refine`` (GPTQ refined by exact coordinate descent on the grid), ``baselines`` (magnitude, round-to-nearest), ``engine`` (the lazy batched H^-1 machinery behind
+(SparseGPT, GPTQ), ``refine`` (GPTQ's or OBQ's result refined by exact coordinate descent on the grid), ``baselines`` (magnitude, round-to-nearest), ``engine`` (the lazy batched H^-1 machinery behind
 obs and obq), ``options`` (its tuning, ``EngineOptions``, and counters, ``EngineStats``).
 
 Work is vectorised over rows, chunked so the chunks' working sets stay under ``max_memory`` bytes,

@@ -51,11 +51,12 @@ def quantize_refined(W: Tensor, H, grid: Grid, *, start: str = "gptq", keep_mask
     def solve(Wg, Hg, rows):
         Hg, sub, k = Hg.to(W.device), grid.select(rows), take(keep_mask, rows)
         q = quantize_gptq(Wg, Hg, sub, keep_mask=k, blocksize=blocksize, damp=damp)
+        Hd = _damped_h(Hg, damp, Wg)
         if start == "gptq":
-            return _refine(Wg, Hg, sub, q, k, passes, blocksize, damp, max_memory)
+            return _refine(Wg, Hd, sub, q, k, passes, blocksize, max_memory)
         q_obq = quantize_obq(Wg, Hg, sub, keep_mask=k, damp=damp, progress=progress, max_memory=max_memory,
                              options=options, stats=stats)
-        cands = [q, q_obq] + [_refine(Wg, Hg, sub, c, k, passes, blocksize, damp, max_memory) for c in (q, q_obq)]
+        cands = [q, q_obq] + [_refine(Wg, Hd, sub, c, k, passes, blocksize, max_memory) for c in (q, q_obq)]
         err = torch.stack([_row_error(c - Wg, Hg) for c in cands])
         return torch.stack(cands)[err.argmin(0), torch.arange(Wg.shape[0], device=Wg.device)]
     return per_group(W, groups(H), solve)
@@ -67,24 +68,31 @@ def refine_on_grid(W: Tensor, H, grid: Grid, Q: Tensor, *, keep_mask: Tensor | N
     """Lower 1/2 (q - w)^T (H + lambda I) (q - w) of every row from the grid point ``Q`` by cyclic
     exact coordinate descent, each coordinate moved to its best grid point given the others
     (never up); at most ``passes`` passes over the columns. Pruned weights (keep_mask False) are 0
-    in the result (give Q zero there: the loss is that of Q with them zeroed). ``H``: [d, d] or ``(rows, H)`` groups, each sharing one H."""
+    from the start. ``H``: [d, d] or ``(rows, H)`` groups, each sharing one H."""
     if Q.shape != W.shape:
         raise OsbcError(f"Q {tuple(Q.shape)} must have W's shape {tuple(W.shape)}")
     return per_group(W, groups(H), lambda Wg, Hg, rows: _refine(
-        Wg, Hg, grid.select(rows), take(Q, rows), take(keep_mask, rows), passes, blocksize, damp, max_memory))
+        Wg, _damped_h(Hg, damp, Wg), grid.select(rows), take(Q, rows), take(keep_mask, rows), passes, blocksize,
+        max_memory))
 
 
-def _refine(W: Tensor, H: Tensor, grid: Grid, Q: Tensor, keep_mask, passes: int, blocksize: int, damp: float,
-            max_memory: int) -> Tensor:
+def _damped_h(H: Tensor, damp: float, W: Tensor) -> Tensor:
+    """H + lambda I (dead inputs decoupled, see damping) on W's device in its compute dtype."""
     if H.dim() != 2:
         raise OsbcError("quantize_refined needs a shared H [d, d]; group rows that share a Hessian")
+    return _damped(H.to(W.device), damp)[0].to(_cdtype(W))
+
+
+def _refine(W: Tensor, Hd: Tensor, grid: Grid, Q: Tensor, keep_mask, passes: int, blocksize: int,
+            max_memory: int) -> Tensor:
     if isinstance(passes, bool) or not isinstance(passes, int) or passes < 0:
         raise OsbcError(f"passes must be an integer >= 0, got {passes!r}")
     R, d = W.shape
     dev, cdt = W.device, _cdtype(W)
-    Hd = _damped(H.to(dev), damp)[0].to(cdt)
     keep = None if keep_mask is None else keep_mask.to(device=dev, dtype=torch.bool)
     out = Q.detach().to(device=dev, dtype=cdt).clone()
+    if keep is not None:
+        out.masked_fill_(~keep, 0.0)
     w = W.detach().to(cdt)
     es = torch.finfo(cdt).bits // 8
     # per row: Q, its start, G and the residual (d each), the block's moves, column temporaries
