@@ -12,9 +12,10 @@ Exact and exact-refined on large layers (``--exact-rows``, default 16 rows when 
 row subset: their error is the subset's, their seconds are extrapolated linearly (marked "~"), and
 every ratio is taken on that subset.
 
-Model table (``--accuracy``): held-out test accuracy of the whole trained digits MLP quantized with
+Model table (on unless ``--no-accuracy``): held-out test accuracy of the whole trained digits MLP quantized with
 ``osbc.quantize(method="osbc")`` per solver at 2 and 3 bits, calibrated on 256 stratified training
-samples; the test split is only evaluated, never used to choose anything.
+samples, with each layer's relative membrane error on the calibration set (osbc's report); the
+test split is only evaluated, never used to choose anything.
 
   python bench/bench_quant.py                                  # digits + 256x2312 + 512x4608, 2/3/4 bits
   python bench/bench_quant.py --shapes 256x2312 --bits 2 --no-real --no-accuracy
@@ -125,9 +126,11 @@ def run_accuracy(args, device) -> list[dict]:
             res, t, _ = timed(lambda: osbc.quantize(model, calib, bits=bits, device=device, verbose=False, **kw),
                               device)
             acc = evaluate(res.model, test, device=device, stats=False).accuracy
-            err = sum(l.membrane_error for l in res.report) / len(res.report.layers)
-            rows.append(dict(bits=bits, solver=sv, accuracy=acc, membrane_error=err, seconds=t))
-            print(f"  {bits} bits {sv:>13}  test acc {100 * acc:6.2f}%  mem.err {err:.3e}  {t:6.1f} s", flush=True)
+            per_layer = {l.name: l.membrane_error for l in res.report}
+            err = sum(per_layer.values()) / len(per_layer)
+            rows.append(dict(bits=bits, solver=sv, accuracy=acc, membrane_error=err, layers=per_layer, seconds=t))
+            print(f"  {bits} bits {sv:>13}  test acc {100 * acc:6.2f}%  mem.err {err:.3e} "
+                  f"({', '.join(f'{n} {e:.3e}' for n, e in per_layer.items())})  {t:6.1f} s", flush=True)
     return rows
 
 
