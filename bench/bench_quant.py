@@ -30,7 +30,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from bench_frontier import digits_layer, membrane_error, timed  # noqa: E402
+from bench_frontier import digits_layer, membrane_error, save, timed  # noqa: E402
 
 SHAPES = ["256x2312", "512x4608"]
 CALIB = 256
@@ -134,15 +134,6 @@ def run_accuracy(args, device) -> list[dict]:
     return rows
 
 
-def save(out: dict, args, device):
-    """The JSON so far (rewritten after each part: a long run leaves its finished parts)."""
-    import torch
-    out["meta"] = dict(device=str(device), threads=torch.get_num_threads(), cpus=os.cpu_count(),
-                       loadavg=os.getloadavg(), command=" ".join(sys.argv))
-    with open(args.json, "w") as f:
-        json.dump(out, f, indent=1)
-
-
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--shapes", default=",".join(SHAPES), help="RxD list of synthetic layers ('' for none)")
@@ -174,7 +165,7 @@ def main(argv=None):
         torch.set_num_threads(args.threads)
     w0 = torch.randn(8, 64, device=device)
     S.quantize_exact(w0, torch.eye(64, device=device), fit_grid(w0, 4))    # warm-up
-    out = dict(layers=[], accuracy=[])
+    out = dict(layers=[], accuracy=[])       # saved (bench_frontier.save) as {"meta": ..., "rows": out}
     if args.real:
         W, H = digits_layer(args.cache, args.epochs)
         out["layers"] += run_layer("digits", W, H, args, device)
