@@ -245,7 +245,7 @@ def test_inspect_lists_modules(calib):
     (512, 4608, 0.97, dict(device_type="cuda"), "restricted"),  # cheaper than exact on any device
     (512, 4608, 0.8, {}, "fast"),                          # low sparsity: exact or fast only
     (512, 4608, 0.97, dict(nm=True), "fast"),              # N:M: restricted would run exact itself
-    (512, 4608, 1.0, dict(pruning=False), "fast"),         # quantization has no restricted solver
+    (512, 4608, 1.0, dict(pruning=False), "refined"),      # quantization: refined at any size
     (512, 8192, 0.97, {}, "restricted"),                   # exact ~1900 s, restricted ~40 s
     (512, 8192, 0.9, {}, "fast"),                          # both over the minute (restricted ~420 s)
     (512, 8192, 0.97, dict(seconds=10.0), "fast"),         # a tighter budget

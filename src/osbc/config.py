@@ -18,7 +18,7 @@ __all__ = ["PruneConfig", "QuantConfig", "PRUNE_METHODS", "QUANT_METHODS", "SOLV
 PRUNE_METHODS = ("osbc", "obc", "magnitude")
 QUANT_METHODS = ("osbc", "obc", "rtn")
 SOLVERS = ("auto", "exact", "blocked", "fast", "restricted")
-QUANT_SOLVERS = ("auto", "exact", "fast")       # "blocked" and "restricted" are pruning's
+QUANT_SOLVERS = ("auto", "exact", "fast", "refined", "exact-refined")   # "blocked", "restricted": pruning's
 CALIBRATIONS = ("dense", "sequential")
 ALLOCATIONS = ("uniform", "lamp", "global")
 GRIDS = ("channel", "layer")                    # quantize's per=
@@ -46,10 +46,11 @@ def _choice(name: str, value, allowed) -> None:
 class CompressConfig:
     """Settings shared by pruning and quantization.
 
-    method: the objective (see PruneConfig / QuantConfig); solver: ``"auto"`` (exact where it costs
-    under ~a minute per layer, else restricted (pruning at >= 90%) where that does, else fast:
+    method: the objective (see PruneConfig / QuantConfig); solver: ``"auto"`` (pruning: exact where it
+    costs under ~a minute per layer, else restricted (at >= 90%) where that does, else fast;
+    quantization: exact-refined where exact costs under ~a minute, else refined;
     ``osbc.compress.auto_solver``), ``"exact"``, ``"fast"`` (and ``"blocked"``, ``"restricted"``
-    for pruning); calibration: ``"dense"`` (every layer sees the dense model's inputs, one pass) or ``"sequential"`` (each
+    for pruning, ``"refined"``, ``"exact-refined"`` for quantization); calibration: ``"dense"`` (every layer sees the dense model's inputs, one pass) or ``"sequential"`` (each
     layer sees the already compressed layers' outputs); damp: Hessian damping relative to its mean
     diagonal, in [0, 1); include, exclude: glob patterns on module names; batch_size: calibration
     samples per forward pass; max_kernel_groups: most Hessians per layer with per-neuron kernels
@@ -160,8 +161,11 @@ class PruneConfig(CompressConfig):
 class QuantConfig(CompressConfig):
     """Quantization to a symmetric ``bits``-bit grid (2..8): ``method``: ``"osbc"`` (membrane
     kernel), ``"obc"`` (input current) or ``"rtn"`` (round to nearest); ``solver``: ``"exact"``
-    (OBQ greedy, each row kept from OBQ or GPTQ, whichever has the lower error), ``"fast"`` (GPTQ)
-    or ``"auto"``; ``per``: ``"channel"`` (one scale per output row) or ``"layer"``; ``mse``:
+    (OBQ greedy, each row kept from OBQ or GPTQ, whichever has the lower error), ``"fast"`` (GPTQ),
+    ``"refined"`` (GPTQ, then exact coordinate descent on the grid: a few GPTQ sweeps' cost),
+    ``"exact-refined"`` (OBQ's and GPTQ's results both refined, per row the best: never above
+    exact's error, at exact's cost) or ``"auto"`` (exact-refined where exact is affordable, else
+    refined); ``per``: ``"channel"`` (one scale per output row) or ``"layer"``; ``mse``:
     search shrunk maxima for the scale; ``pow2``: power-of-two scales (hardware targets)."""
 
     bits: int = 4
@@ -174,7 +178,7 @@ class QuantConfig(CompressConfig):
 
     def __post_init__(self):
         if self.solver in ("blocked", "restricted"):
-            raise OsbcError(f"solver {self.solver!r} is for pruning; use 'exact', 'fast' or 'auto'")
+            raise OsbcError(f"solver {self.solver!r} is for pruning; use 'exact', 'fast', 'refined', 'exact-refined' or 'auto'")
         super().__post_init__()
         if isinstance(self.bits, bool) or not isinstance(self.bits, int) or not 2 <= self.bits <= 8:
             raise OsbcError(f"bits must be an integer in 2..8, got {self.bits!r}")

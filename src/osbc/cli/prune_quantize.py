@@ -7,7 +7,7 @@ import time
 
 from ..errors import OsbcError
 from . import common as C
-from ..config import GRIDS
+from ..config import GRIDS, QUANT_SOLVERS
 from .options import (DATA_OPTIONS, PRUNE_METHODS, QUANT_METHODS, add_builder_options, add_option, add_options, bits,
                       nm, sparsity)
 from .outputs import check_out_file, json_text, text_writer, write_all
@@ -24,9 +24,15 @@ _METHOD_HELP = {
                 "rtn: round to nearest",
 }
 
+_QUANT_SOLVER_HELP = ("exact: OBQ greedy (each row the better of OBQ and GPTQ); fast: GPTQ column sweep; refined: "
+                      "GPTQ, then exact coordinate descent on the grid (a few sweeps' cost); exact-refined: OBQ's "
+                      "and GPTQ's results both refined, per row the best (never above exact's error, exact's "
+                      "cost); auto: exact-refined where exact's estimated time is under --auto-seconds per "
+                      "layer, else refined")
+
 
 def _add_shared(p: argparse.ArgumentParser, task: str) -> None:
-    add_option(p, "solver", **({"choices": ("auto", "exact", "fast")} if task == "quantize" else {}))
+    add_option(p, "solver", **(dict(choices=QUANT_SOLVERS, help=_QUANT_SOLVER_HELP) if task == "quantize" else {}))
     add_option(p, "auto_seconds")
     add_options(p, "calibration", "calib_from", "include", "exclude")
     add_option(p, "out", help=f"{'pruned' if task == 'prune' else 'quantized'} checkpoint to write")

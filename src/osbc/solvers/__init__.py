@@ -9,7 +9,7 @@ Modules: ``reference`` (the greedy in plain numpy: the equations), ``damping`` (
 its inverse), ``obs`` (exact and blocked greedy pruning: paths, budgets), ``fixed_support`` (the
 optimum on a kept support), ``obq`` (exact quantization), ``restricted`` (the exact greedy
 on a forward-selected candidate support: near-exact at high sparsity, far faster), ``sweep``
-(SparseGPT, GPTQ), ``baselines`` (magnitude, round-to-nearest), ``engine`` (the lazy batched H^-1 machinery behind
+(SparseGPT, GPTQ), ``refine`` (GPTQ's or OBQ's result refined by exact coordinate descent on the grid), ``baselines`` (magnitude, round-to-nearest), ``engine`` (the lazy batched H^-1 machinery behind
 obs and obq), ``options`` (its tuning, ``EngineOptions``, and counters, ``EngineStats``).
 
 Work is vectorised over rows, chunked so the chunks' working sets stay under ``max_memory`` bytes,
@@ -22,10 +22,11 @@ from .fixed_support import solve_on_support
 from .obq import quantize_exact, quantize_obq
 from .obs import PrunePath, budget_counts, obs_path, prune_exact
 from .options import DEFAULT_MAX_MEMORY, EngineOptions, EngineStats
+from .refine import quantize_refined, refine_on_grid
 from .restricted import prune_restricted
 from .sweep import prune_sparsegpt, quantize_gptq
 
 __all__ = ["damp_inverse", "PrunePath", "obs_path", "budget_counts", "solve_on_support", "prune_exact",
            "prune_restricted", "prune_sparsegpt", "prune_magnitude", "quantize_obq", "quantize_gptq", "quantize_exact",
-           "quantize_rtn",
+           "quantize_refined", "refine_on_grid", "quantize_rtn",
            "EngineOptions", "EngineStats", "DEFAULT_MAX_MEMORY"]
