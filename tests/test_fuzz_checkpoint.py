@@ -86,6 +86,7 @@ def _mutate(rng, raw):
     if kind == "legacy":  # an old file (no hashes) with damaged tensor data: checks, not hashes, must hold
         enc = json.loads(meta["storage"])
         enc.pop("hashes")
+        enc.pop("encoding_hash")
         meta["storage"] = json.dumps(enc)
         b = bytearray(data)
         b[rng.randrange(len(b))] ^= 1 << rng.randrange(8)

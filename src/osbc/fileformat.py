@@ -51,6 +51,9 @@ def digest(t: Tensor) -> str:
     return h.hexdigest()
 
 
+_ENCODING_KEYS = {"format", "version", "entries", "hashes", "encoding_hash"}
+
+
 def _encoding_digest(enc: dict, fields: dict) -> str:
     """Hash of the metadata itself: the encoding (layouts, shapes, bit widths, scales kept in JSON) and
     the other string fields (architecture, its arguments, frames). A flipped byte there would turn
@@ -190,6 +193,12 @@ def read_state(h: Header, expect: dict[str, tuple[torch.dtype, tuple[int, ...]]]
     elif sum(math.prod(s) for _, s in shapes.values()) > storage.MAX_ELEMENTS:
         raise OsbcError(f"{h.path}: the stored state would decode to more than {storage.MAX_ELEMENTS:,} "
                         "elements; not loading it")
+    # a file without hashes loads unchecked (older osbc), so hashes must not vanish by damage: a key
+    # renamed by a flipped bit is an unknown key, and the two integrity keys come together or not at all
+    unknown = set(enc) - _ENCODING_KEYS
+    if unknown or ("hashes" in enc) != ("encoding_hash" in enc):
+        raise OsbcError(f"{h.path}: damaged osbc metadata: the encoding's keys are "
+                        f"{sorted(enc)}, expected {sorted(_ENCODING_KEYS)}")
     hashes = enc.get("hashes")
     if hashes is not None and (not isinstance(hashes, dict) or set(hashes) != set(h.tensors)):
         raise OsbcError(f"{h.path}: damaged osbc metadata: the content hashes do not list the stored tensors")
