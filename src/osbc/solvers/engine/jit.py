@@ -19,6 +19,25 @@ import numba
 import numpy as np
 
 
+@numba.njit(nogil=True, cache=True, boundscheck=False, inline="always")
+def _minus_rank_terms(col, U, q, m, n):   # pragma: no cover  (compiled; tested via solvers)
+    """col[:n] -= sum_{u < m} U[u, q] U[u, :n], four rows of U per pass over col (a low-rank
+    correction read one row at a time: the pending H^-1 downdates, or a Cholesky factor's columns)."""
+    u = 0
+    while u + 4 <= m:
+        a0, a1, a2, a3 = U[u, q], U[u + 1, q], U[u + 2, q], U[u + 3, q]
+        u0, u1, u2, u3 = U[u], U[u + 1], U[u + 2], U[u + 3]
+        for i in range(n):
+            col[i] -= a0 * u0[i] + a1 * u1[i] + a2 * u2[i] + a3 * u3[i]
+        u += 4
+    while u < m:
+        a0 = U[u, q]
+        u0 = U[u]
+        for i in range(n):
+            col[i] -= a0 * u0[i]
+        u += 1
+
+
 @numba.njit(nogil=True, cache=True, boundscheck=False)
 def greedy_steps(A, shared, U, j0, k, n, w, pd, quant, sc, qmin, qmax, nm, gid, cnt, cap,
                  rq, re, rd, rt, s0, floor, inf, one):   # pragma: no cover  (compiled; tested via solvers)
@@ -59,22 +78,10 @@ def greedy_steps(A, shared, U, j0, k, n, w, pd, quant, sc, qmin, qmax, nm, gid, 
                 if score[i] == best:
                     q = i
                     break
-            # row q of the current H^-1: the flushed row minus the pending terms, 4 at a time
+            # row q of the current H^-1: the flushed row minus the pending terms
             for i in range(n):
                 col[i] = Ar[q, i]
-            t = 0
-            while t + 4 <= j:
-                a0, a1, a2, a3 = Ur[t, q], Ur[t + 1, q], Ur[t + 2, q], Ur[t + 3, q]
-                u0, u1, u2, u3 = Ur[t], Ur[t + 1], Ur[t + 2], Ur[t + 3]
-                for i in range(n):
-                    col[i] -= a0 * u0[i] + a1 * u1[i] + a2 * u2[i] + a3 * u3[i]
-                t += 4
-            while t < j:
-                a0 = Ur[t, q]
-                u0 = Ur[t]
-                for i in range(n):
-                    col[i] -= a0 * u0[i]
-                t += 1
+            _minus_rank_terms(col, Ur, q, j, n)
             # remove q, compensate the others, downdate the diagonal; u joins the pending terms
             dq = max(col[q], floor)
             tq = wr[q]
@@ -141,22 +148,10 @@ def forward_select(Ha, G, t_max, order, gain):   # pragma: no cover  (compiled; 
                         j = i
             ok = best >= 0.0
             sj = np.sqrt(max(s[j], tiny)) if ok else 1.0
-            # column t of the pivoted Cholesky factor: (H_:j - C^T C_:j) / sqrt(s_j), 4 rows at a time
+            # column t of the pivoted Cholesky factor: (H_:j - C^T C_:j) / sqrt(s_j)
             for i in range(n):
                 col[i] = Ha[j, i]
-            u = 0
-            while u + 4 <= t:
-                a0, a1, a2, a3 = C[u, j], C[u + 1, j], C[u + 2, j], C[u + 3, j]
-                c0, c1, c2, c3 = C[u], C[u + 1], C[u + 2], C[u + 3]
-                for i in range(n):
-                    col[i] -= a0 * c0[i] + a1 * c1[i] + a2 * c2[i] + a3 * c3[i]
-                u += 4
-            while u < t:
-                a0 = C[u, j]
-                c0 = C[u]
-                for i in range(n):
-                    col[i] -= a0 * c0[i]
-                u += 1
+            _minus_rank_terms(col, C, j, t, n)
             f[0] = 1.0 / sj if ok else 0.0
             f[1] = r[j] / sj if ok else 0.0
             scale, at = f[0], f[1]
