@@ -50,6 +50,9 @@ __all__ = ["prune_restricted", "DEFAULT_WIDEN"]
 DEFAULT_WIDEN = 1.25             # candidate set = this many times the kept support (1.5: ~1% lower error, ~1.3x the time)
 _DEFAULT_MAX_MEMORY = 384 * 2 ** 20
 _FORWARD_CACHE = 16 * 2 ** 20    # bytes of a forward-selection chunk's factor
+# the per-row subproblems run in chunks of this share of max_memory: on the digits layer at 90%,
+# quarter-budget chunks were 15% faster than full-budget ones (cache) and peaked at half the memory
+_CHUNK_SHARE = 4
 _EXACT_SHARE = 0.5               # above this share of live inputs in C, run the exact greedy instead
 
 
@@ -149,7 +152,7 @@ def _restricted_paths(W: Tensor, Hd: Tensor, g: Tensor, cand: Tensor, max_memory
         if bar is not None:
             bar.update(len(rr))
     # the path holds ~6 m x m float64 per row
-    _on_workers(one, _chunks(cand.sum(1), max_memory, 48, workers), W.device)
+    _on_workers(one, _chunks(cand.sum(1), max_memory // _CHUNK_SHARE, 48, workers), W.device)
     return order, loss
 
 
@@ -228,7 +231,7 @@ def _solve_kept(W: Tensor, Hd: Tensor, dead: Tensor, lam: float, g: Tensor, keep
         pos, valid, _, v = _subproblem(Hd, g[rr], keep[rr])
         out[rr] = out[rr].scatter_add_(1, pos, v)
         energy[rr] = (g[rr].gather(1, pos) * v).sum(1)
-    _on_workers(one, _chunks(keep.sum(1), max_memory, 24, _workers(W.device, DEFAULT_OPTIONS)), W.device)
+    _on_workers(one, _chunks(keep.sum(1), max_memory // _CHUNK_SHARE, 24, _workers(W.device, DEFAULT_OPTIONS)), W.device)
     w = W.to(torch.float64)
     dw = out - w
     # H_damped - H is lam on the diagonal, plus 1 on dead inputs (decoupled with a unit diagonal)
