@@ -270,3 +270,19 @@ def test_compiled_forward_selection_equals_torch_steps(dtype, monkeypatch):
     # every row's chosen inputs are live and distinct
     assert not dead[o_jit].any()
     assert all(len(set(row.tolist())) == steps for row in o_jit)
+
+
+def test_row_chunks_respect_the_memory_budget():
+    """Rows sorted by candidate count and padded to their chunk's largest: every chunk of more
+    than one row fits the budget, even when a few rows are far larger than the rest (a trained
+    layer's heavy tail once put every row into one chunk padded to the largest)."""
+    g = torch.Generator().manual_seed(0)
+    size = torch.randint(5, 40, (300,), generator=g)
+    size[:7] = torch.tensor([900, 700, 650, 600, 500, 480, 450])
+    budget, per_entry, workers = 8 * 2 ** 20, 48, 2
+    chunks = support._chunks(size, budget, per_entry, workers)
+    assert torch.equal(torch.sort(torch.cat(chunks)).values, torch.arange(300))
+    assert len(chunks) >= workers
+    for c in chunks:
+        if len(c) > 1:
+            assert len(c) * per_entry * int(size[c].max()) ** 2 <= budget / workers

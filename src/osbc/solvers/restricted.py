@@ -100,10 +100,14 @@ def _chunks(size: Tensor, max_memory: int, per_entry: int, workers: int = 1) -> 
     c * m^2 bytes under max_memory / workers (sizes ascend: a chunk's last row bounds its m), and
     at least ``workers`` chunks where there are rows enough (so every worker gets one)."""
     srt = torch.sort(size, stable=True).indices
+    m2 = size[srt].clamp_min(1).to(torch.float64).cpu() ** 2
     R, i, out = len(srt), 0, []
     cap = max(1, -(-R // workers))
+    budget = max_memory / workers / per_entry
     while i < R:
-        c = max(1, min(R - i, cap, max_memory // workers // (per_entry * max(int(size[srt[min(R - 1, i + 63)]]), 1) ** 2)))
+        # rows i..i+c-1 padded to the last one's size: the cost (c m_last^2) grows with c
+        cost = torch.arange(1, R - i + 1, dtype=torch.float64) * m2[i:]
+        c = max(1, min(cap, int(torch.searchsorted(cost, torch.tensor([budget], dtype=torch.float64), right=True))))
         out.append(srt[i:i + c])
         i += c
     return out
