@@ -286,3 +286,34 @@ def test_row_chunks_respect_the_memory_budget():
     for c in chunks:
         if len(c) > 1:
             assert len(c) * per_entry * int(size[c].max()) ** 2 <= budget / workers
+
+
+def test_rows_that_need_more_steps_are_extended(monkeypatch, always_restricted):
+    """One row carries most of the layer's weight, so it takes far more than the average share of
+    the candidates: its selection is restarted longer until it fits, and the candidate set equals
+    that of one forward selection run to the end on every row."""
+    from osbc.solvers.obs import PrunePath, budget_counts
+    R, d, sp = 8, 200, 0.9
+    H = spike_H(d, 4, dead=0.0)
+    W = weights(R, d, 4, torch.float64)
+    W[0] *= 30.0
+    calls, seen = [], {}
+    forward, paths = support._forward, support._restricted_paths
+
+    def counted_forward(*a):
+        calls.append(a[3])                      # the steps asked for
+        return forward(*a)
+
+    def recorded_paths(W_, Hd, g, cand, *a):
+        seen["cand"] = cand.clone()
+        return paths(W_, Hd, g, cand, *a)
+    monkeypatch.setattr(support, "_forward", counted_forward)
+    monkeypatch.setattr(support, "_restricted_paths", recorded_paths)
+    prune_restricted(W, H, sp)
+    assert len(calls) >= 2 and calls[1] > calls[0]
+    Hd, dead, _ = support._damped(H, 0.01, "cpu")
+    g = W @ Hd
+    order, gain = forward(Hd, g, dead, d, 2 ** 26, torch.float64)
+    n_cand = round(support.DEFAULT_WIDEN * (R * d - round(sp * R * d)))
+    ref = support._prefix(order, budget_counts(PrunePath(order, -gain), n_cand, None), d)
+    assert torch.equal(seen["cand"], ref)
