@@ -257,10 +257,10 @@ def test_compiled_forward_selection_equals_torch_steps(dtype, monkeypatch):
     W = weights(R, d, 8, torch.float64)
     Hd, dead, _ = support._damped(H, 0.01, "cpu")
     g = W @ Hd
-    o_jit, g_jit = support._forward(Hd, g, dead, steps, 2 ** 26, dtype)
+    o_jit, g_jit, _ = support._forward(Hd, g, dead, steps, 2 ** 26, dtype)
     assert engine_greedy._JIT_MOD not in (None, False)
     monkeypatch.setattr(engine_greedy, "_JIT_MOD", False)
-    o_t, g_t = support._forward(Hd, g, dead, steps, 2 ** 26, dtype)
+    o_t, g_t, _ = support._forward(Hd, g, dead, steps, 2 ** 26, dtype)
     if dtype == torch.float64:
         assert torch.equal(o_jit, o_t)
         torch.testing.assert_close(g_jit, g_t, rtol=1e-9, atol=0.0)
@@ -310,10 +310,84 @@ def test_rows_that_need_more_steps_are_extended(monkeypatch, always_restricted):
     monkeypatch.setattr(support, "_forward", counted_forward)
     monkeypatch.setattr(support, "_restricted_paths", recorded_paths)
     prune_restricted(W, H, sp)
-    assert len(calls) >= 2 and calls[1] > calls[0]
+    assert len(calls) >= 3 and max(calls) > calls[0]
     Hd, dead, _ = support._damped(H, 0.01, "cpu")
     g = W @ Hd
-    order, gain = forward(Hd, g, dead, d, 2 ** 26, torch.float64)
+    order, gain, _ = forward(Hd, g, dead, d, 2 ** 26, torch.float64)
     n_cand = round(support.DEFAULT_WIDEN * (R * d - round(sp * R * d)))
     ref = support._prefix(order, budget_counts(PrunePath(order, -gain), n_cand, None), d)
     assert torch.equal(seen["cand"], ref)
+
+
+@pytest.mark.parametrize("scaled", [False, True])
+def test_early_stopped_selection_equals_full_runs(monkeypatch, scaled):
+    """Rows beyond the sample stop once their gains fall under a share of the sampled threshold;
+    on a layer with rows of very different weight (some taking several times the average share,
+    with row_scale one row at 0) the candidate set is exactly that of every row's selection run
+    to the end, and some rows did stop early."""
+    from osbc.solvers.obs import PrunePath, budget_counts
+    R, d, sp = 96, 160, 0.9
+    H = spike_H(d, 5, dead=0.1)
+    W = weights(R, d, 5, torch.float64) * torch.exp(1.5 * torch.randn(R, 1, generator=torch.Generator().manual_seed(6), dtype=torch.float64))
+    scale = torch.rand(R, generator=torch.Generator().manual_seed(7), dtype=torch.float64) + 0.5 if scaled else None
+    if scaled:
+        scale[3] = 0.0
+    seen, early = {}, []
+    forward, paths = support._forward, support._restricted_paths
+
+    def watched_forward(Hd, g, dead, steps, *a):
+        out = forward(Hd, g, dead, steps, *a)
+        early.append(bool((out[2] < min(steps, int((~dead).sum()))).any()))
+        return out
+
+    def recorded_paths(W_, Hd, g, cand, *a):
+        seen["cand"] = cand.clone()
+        return paths(W_, Hd, g, cand, *a)
+    monkeypatch.setattr(support, "_forward", watched_forward)
+    monkeypatch.setattr(support, "_restricted_paths", recorded_paths)
+    prune_restricted(W, H, sp, row_scale=scale)
+    assert any(early)
+    Hd, dead, _ = support._damped(H, 0.01, "cpu")
+    order, gain, _ = forward(Hd, W @ Hd, dead, d, 2 ** 26, torch.float64)
+    n_cand = round(support.DEFAULT_WIDEN * (R * d - round(sp * R * d)))
+    ref = support._prefix(order, budget_counts(PrunePath(order, -gain), n_cand, scale), d)
+    assert torch.equal(seen["cand"], ref)
+
+
+def test_paths_cut_at_the_budget_give_the_full_paths_result(monkeypatch):
+    """Each row's removal path is computed only as far as the layer's budget can reach (rows that
+    take every computed step are computed again, longer): the same pruned layer as full paths,
+    also when the first length is far too short and most rows go again."""
+    R, d, sp = 64, 400, 0.85
+    monkeypatch.setattr(support, "_PATH_REACH", 0.1)
+    H = spike_H(d, 9, dead=0.1)
+    W = weights(R, d, 9) * torch.exp(torch.randn(R, 1, generator=torch.Generator().manual_seed(10)))
+    paths, calls = support._restricted_paths, []
+
+    def counted(W_, Hd, g, cand, need, *a):
+        calls.append(bool((need < cand.sum(1)).any()))
+        return paths(W_, Hd, g, cand, need, *a)
+    monkeypatch.setattr(support, "_restricted_paths", counted)
+    W1, keep1, loss1 = prune_restricted(W, H, sp)
+    assert calls[0] and len(calls) > 1                # cut short, and some rows computed again
+    monkeypatch.setattr(support, "_restricted_paths",
+                        lambda W_, Hd, g, cand, need, *a: paths(W_, Hd, g, cand, cand.sum(1), *a))
+    W2, keep2, loss2 = prune_restricted(W, H, sp)
+    assert torch.equal(keep1, keep2)
+    torch.testing.assert_close(W1, W2)
+
+
+def test_torch_steps_give_the_compiled_result(monkeypatch):
+    """Without numba (and on CUDA) the forward selection runs as batched torch steps with no early
+    stops and the submatrices are gathered by torch: the same pruned layer."""
+    pytest.importorskip("numba")
+    from osbc.solvers.engine import greedy as engine_greedy
+    R, d, sp = 48, 300, 0.95
+    H = spike_H(d, 11, dead=0.1)
+    W = weights(R, d, 11, torch.float64) * torch.exp(torch.randn(R, 1, generator=torch.Generator().manual_seed(12), dtype=torch.float64))
+    W1, keep1, loss1 = prune_restricted(W, H, sp)
+    monkeypatch.setattr(engine_greedy, "_JIT_MOD", False)
+    W2, keep2, loss2 = prune_restricted(W, H, sp)
+    assert torch.equal(keep1, keep2)
+    torch.testing.assert_close(W1, W2)
+    torch.testing.assert_close(loss1, loss2)

@@ -25,7 +25,7 @@ from .groups import groups, per_group, restrict, take
 from .options import DEFAULT_MAX_MEMORY, DEFAULT_OPTIONS, EngineOptions, EngineStats
 from .pattern import _budget, _nm_groups, pow2_row_scale
 
-__all__ = ["PrunePath", "obs_path", "budget_counts", "prune_exact"]
+__all__ = ["PrunePath", "obs_path", "path_from_inverse", "budget_counts", "prune_exact"]
 
 
 @dataclass
@@ -185,6 +185,24 @@ def _obs_path(W: Tensor, H: Tensor, max_steps, block, nm, damp, progress, max_me
         bar.close()
     loss = torch.nan_to_num(loss, nan=0.0, posinf=torch.finfo(torch.float64).max).cummax(1).values
     return PrunePath(order, loss)
+
+
+def path_from_inverse(w: Tensor, Hinv: Tensor, forced: Tensor, steps: int,
+                      options: EngineOptions | None = None) -> PrunePath:
+    """The first ``steps`` steps of the greedy OBS path of rows w [c, n] given each row's own
+    H^-1 [c, n, n] (taken over as the lazy engine's buffer: it is overwritten), ``forced`` [c, n]
+    inputs first at zero loss. For callers that already hold the factor (``restricted``): it skips
+    ``obs_path``'s damping, symmetrising and second factorisation. Runs in the calling thread."""
+    opts = options or DEFAULT_OPTIONS
+    c, n = w.shape
+    lazy, ucache = _lazy_batch(w.device, 1, opts)
+    lz = _Lazy(Hinv, lazy, ucache=ucache, panel=opts.panel)
+    pen = torch.zeros(c, n, dtype=w.dtype, device=w.device).masked_fill_(forced, -float("inf"))
+    idx = torch.arange(n, device=w.device)[None].expand(c, n).contiguous()
+    q, e, dq, _ = _greedy(lz, w.clone(), pen, idx, min(int(steps), n), opts)
+    lo = (e.double() ** 2 / (2 * dq.double())).masked_fill_(forced.gather(1, q), 0.0)
+    lo = torch.nan_to_num(lo, nan=0.0, posinf=torch.finfo(torch.float64).max).cummax(1).values
+    return PrunePath(q, lo)
 
 
 def budget_counts(path: PrunePath, k: int, row_scale: Tensor | None = None) -> Tensor:

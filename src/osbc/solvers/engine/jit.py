@@ -38,6 +38,29 @@ def _minus_rank_terms(col, U, q, m, n):   # pragma: no cover  (compiled; tested 
         u += 1
 
 
+@numba.njit(nogil=True, cache=True, boundscheck=False, inline="always")
+def _minus_rank_terms2(col, col2, U, q, q2, m, n):   # pragma: no cover  (compiled; tested via solvers)
+    """``_minus_rank_terms`` for two columns q and q2 in one pass over U: U is read once for
+    both (the pass is bound by reading U, not by the multiply-adds)."""
+    u = 0
+    while u + 4 <= m:
+        a0, a1, a2, a3 = U[u, q], U[u + 1, q], U[u + 2, q], U[u + 3, q]
+        b0, b1, b2, b3 = U[u, q2], U[u + 1, q2], U[u + 2, q2], U[u + 3, q2]
+        u0, u1, u2, u3 = U[u], U[u + 1], U[u + 2], U[u + 3]
+        for i in range(n):
+            x0, x1, x2, x3 = u0[i], u1[i], u2[i], u3[i]
+            col[i] -= a0 * x0 + a1 * x1 + a2 * x2 + a3 * x3
+            col2[i] -= b0 * x0 + b1 * x1 + b2 * x2 + b3 * x3
+        u += 4
+    while u < m:
+        a0, b0 = U[u, q], U[u, q2]
+        u0 = U[u]
+        for i in range(n):
+            col[i] -= a0 * u0[i]
+            col2[i] -= b0 * u0[i]
+        u += 1
+
+
 @numba.njit(nogil=True, cache=True, boundscheck=False)
 def greedy_steps(A, shared, U, j0, k, n, w, pd, quant, sc, qmin, qmax, nm, gid, cnt, cap,
                  rq, re, rd, rt, s0, floor, inf, one):   # pragma: no cover  (compiled; tested via solvers)
@@ -115,18 +138,20 @@ def greedy_steps(A, shared, U, j0, k, n, w, pd, quant, sc, qmin, qmax, nm, gid, 
 
 
 @numba.njit(nogil=True, cache=True, boundscheck=False)
-def forward_select(Ha, G, t_max, order, gain):   # pragma: no cover  (compiled; tested via solvers)
-    """Forward selection (orthogonal least squares) of ``t_max`` inputs for each row of G [c, n],
-    Gram matrix Ha [n, n]: the math of ``restricted._forward``'s torch loop, step for step (there
-    the factor's column is a batched product; here a row's factor C [t, n] stays in cache and the
-    per-step passes over n are fused). Writes the chosen positions to order[:, :t_max] and the
-    loss decreases 1/2 r_j^2 / s_j to gain[:, :t_max]."""
+def forward_select(Ha, G, t_max, stop, order, gain, ran):   # pragma: no cover  (compiled; tested via solvers)
+    """Forward selection (orthogonal least squares) of up to ``t_max`` inputs for each row of G
+    [c, n], Gram matrix Ha [n, n]: the math of ``restricted._forward``'s torch loop, step for step
+    (there the factor's column is a batched product; here a row's factor C [t, n] stays in cache
+    and the per-step passes over n are fused). Writes the chosen positions to order[:, :t], the
+    loss decreases 1/2 r_j^2 / s_j to gain[:, :t] and t to ran; a row stops early once the least
+    of its gains so far falls under stop[row]."""
     c, n = G.shape
     dt = G.dtype
     C = np.empty((t_max, n), dt)
     r = np.empty(n, dt)
     s = np.empty(n, dt)
     col = np.empty(n, dt)
+    col2 = np.empty(n, dt)
     free = np.empty(n, np.bool_)
     f = np.empty(2, dt)          # the step's scalars in G's precision (keeps the fused pass in float32)
     tiny = 1e-30
@@ -135,23 +160,50 @@ def forward_select(Ha, G, t_max, order, gain):   # pragma: no cover  (compiled; 
             r[i] = G[row, i]
             s[i] = Ha[i, i]
             free[i] = True
+        low = np.inf
+        ran[row] = t_max
+        spec, spec_t = -1, 0         # the speculated column's input and the factor rows it has
         for t in range(t_max):
             # choose: the first maximum of r^2 / s over free inputs whose Schur complement is not
             # vanishing; nearly dependent ones score -1 (they come last, at zero gain)
             best = -2.0
+            second = -2.0
             j = 0
+            j2 = -1
             for i in range(n):
                 if free[i]:
                     sc = r[i] * r[i] / max(s[i], tiny) if s[i] > 1e-6 * Ha[i, i] else -1.0
                     if sc > best:
+                        second = best
+                        j2 = j
                         best = sc
                         j = i
+                    elif sc > second:
+                        second = sc
+                        j2 = i
+            if second < 0.0:
+                j2 = -1
             ok = best >= 0.0
             sj = np.sqrt(max(s[j], tiny)) if ok else 1.0
-            # column t of the pivoted Cholesky factor: (H_:j - C^T C_:j) / sqrt(s_j)
-            for i in range(n):
-                col[i] = Ha[j, i]
-            _minus_rank_terms(col, C, j, t, n)
+            # column t of the pivoted Cholesky factor: (H_:j - C^T C_:j) / sqrt(s_j). The pass over
+            # C also computes the runner-up's column (as of this step): when the runner-up is the
+            # next pick (about a third of the steps), its column then needs only this step's row
+            if j == spec:
+                for i in range(n):
+                    col[i] = col2[i]
+                _minus_rank_terms(col, C[spec_t:], j, t - spec_t, n)
+                spec = -1
+            elif j2 >= 0:
+                for i in range(n):
+                    col[i] = Ha[j, i]
+                    col2[i] = Ha[j2, i]
+                _minus_rank_terms2(col, col2, C, j, j2, t, n)
+                spec, spec_t = j2, t
+            else:
+                for i in range(n):
+                    col[i] = Ha[j, i]
+                _minus_rank_terms(col, C, j, t, n)
+                spec = -1
             f[0] = 1.0 / sj if ok else 0.0
             f[1] = r[j] / sj if ok else 0.0
             scale, at = f[0], f[1]
@@ -164,3 +216,33 @@ def forward_select(Ha, G, t_max, order, gain):   # pragma: no cover  (compiled; 
             free[j] = False
             order[row, t] = j
             gain[row, t] = 0.5 * np.float64(at) ** 2
+            low = min(low, gain[row, t])
+            if low < stop[row]:
+                ran[row] = t + 1
+                break
+
+
+@numba.njit(nogil=True, cache=True, boundscheck=False)
+def principal_blocks(Hd, pos, cnt, out):   # pragma: no cover  (compiled; tested via solvers)
+    """out[r] = Hd[pos[r]][:, pos[r]] on the first cnt[r] positions, identity on the rest: each
+    row's principal submatrix of the symmetric Hd, its lower triangle read a row of Hd at a time
+    and mirrored (the scattered reads miss the cache; torch's 2-D fancy index is ~5x slower)."""
+    c, m = pos.shape
+    for r in range(c):
+        o = out[r]
+        k = cnt[r]
+        for i in range(m):
+            oi = o[i]
+            if i < k:
+                hi = Hd[pos[r, i]]
+                for j in range(i + 1):
+                    x = hi[pos[r, j]]
+                    oi[j] = x
+                    o[j, i] = x
+                for j in range(k, m):
+                    oi[j] = 0.0
+            else:
+                for j in range(m):
+                    oi[j] = 0.0
+                    o[j, i] = 0.0
+                oi[i] = 1.0
