@@ -41,14 +41,16 @@ __all__ = ["prune", "quantize", "inspect", "auto_solver", "Compressed", "PruneCo
 _FLOPS = {"cpu": 1e11, "cuda": 5e12}
 _AUTO_SECONDS = 60.0
 # The restricted greedy's cost grows as its forward selection's, ~R d T^2 / 2 multiply-adds with
-# T = 1.25 widen (1 - s) d + 16 steps per row (the per-row subproblems add about as much again at
-# 90-95%). Timed on one thread of a loaded 2-core machine (bench/bench_frontier.py, compiled forward
-# selection): one such unit cost 10-14x an exact flop at 90-95% on 256x2312 and 500x2048, ~20x at 97%
-# (fixed costs weigh more there).
-_RESTRICTED_COST = 12.0
-# Below this sparsity the candidate support is large (restricted is barely faster than exact and
-# often falls back to it): auto then chooses between exact and fast only.
-_RESTRICTED_MIN_SPARSITY = 0.9
+# T = 1.25 widen (1 - s) d + 16 steps per row (the per-row subproblems add a third to a half again).
+# Timed on one thread of an idle 2-core machine (bench/bench_frontier.py, bench/README): one such
+# unit cost 3.6-5.2 exact flops at 80-95% on 256x2312 (synthetic and trained), 500x2048 and
+# 512x8192, ~7 at 97% (fixed costs weigh more there).
+_RESTRICTED_COST = 5.0
+# Below this sparsity the candidate support is large: auto then chooses between exact and fast
+# only. At 80-85% restricted took 1.7-4.2x less time than exact on 256x2312 (synthetic and
+# trained) at 1% lower membrane error; below, its candidate set nears half the live inputs, where
+# it hands over to the exact greedy anyway.
+_RESTRICTED_MIN_SPARSITY = 0.8
 
 
 @dataclass
@@ -306,10 +308,10 @@ def auto_solver(R: int, d: int, sparsity: float, device_type: str = "cpu", *, pr
     Estimated times: exact, 2/3 R (d^3 - ((1 - s) d)^3) flops at ``_FLOPS``; restricted,
     ``_RESTRICTED_COST`` R d T^2 / 2 flops with T = 1.25 widen (1 - s) d + 16 (widen =
     ``solvers.restricted.DEFAULT_WIDEN``). For pruning at
-    sparsity >= 0.9 without an N:M pattern, "restricted" when its estimate is under
+    sparsity >= 0.8 without an N:M pattern, "restricted" when its estimate is under
     ``seconds`` (the config's ``auto_seconds``, default 60) and under exact's: there it matched or beat the exact greedy's membrane error
     on every layer measured (README, frontier), at a fraction of its time. Otherwise "exact" when its
-    estimate is under ``seconds``, else "fast". Below 0.9 the restricted candidate support is
+    estimate is under ``seconds``, else "fast". Below 0.8 the restricted candidate support is
     large (little faster than exact), and with N:M it runs the exact greedy itself.
     Quantization (``pruning=False``): "exact-refined" when exact's estimate is under ``seconds``,
     else "refined" (a few GPTQ sweeps' cost, 9 to 18% below exact's error on the large layers

@@ -46,8 +46,9 @@ def _choice(name: str, value, allowed) -> None:
 class CompressConfig:
     """Settings shared by pruning and quantization.
 
-    method: the objective (see PruneConfig / QuantConfig); solver: ``"auto"`` (pruning: exact where it
-    costs under ~a minute per layer, else restricted (at >= 90%) where that does, else fast;
+    method: the objective (see PruneConfig / QuantConfig); solver: ``"auto"`` (pruning: at >= 80%
+    sparsity restricted where its estimate is under ~a minute per layer and under exact's, else exact
+    where that is, else fast;
     quantization: exact-refined where exact costs under ~a minute, else refined;
     ``osbc.compress.auto_solver``), ``"exact"``, ``"fast"`` (and ``"blocked"``, ``"restricted"``
     for pruning, ``"refined"``, ``"exact-refined"`` for quantization); calibration: ``"dense"`` (every layer sees the dense model's inputs, one pass) or ``"sequential"`` (each

@@ -33,8 +33,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     add_option(p, "bits_list", default=DEMO["bits"])
     add_option(p, "methods", default=DEMO["methods"])
     add_option(p, "solver", choices=SOLVERS, default=DEMO["solver"],
-               help="pruning solver: auto runs restricted (exact-greedy quality in seconds) at 90%% and above "
-                    "and the exact greedy below; exact is the greedy everywhere (about 30-80 s per 97%% prune "
+               help="pruning solver: auto runs restricted (exact-greedy quality in seconds) at 80%% and above "
+                    "and the exact greedy or the sweep below, whichever fits --auto-seconds; exact is the greedy everywhere (about 30-80 s per 97%% prune "
                     "of the MLP on one CPU thread); fast is the SparseGPT column sweep")
     add_option(p, "auto_seconds", default=DEMO["auto_seconds"])
     p.add_argument("--quant-solver", choices=QUANT_SOLVERS, default=DEMO["quant_solver"],

@@ -177,8 +177,8 @@ OPTIONS: dict[str, tuple[tuple[str, ...], dict[str, Any]]] = {
     "solver": (("--solver",), dict(choices=SOLVERS, default="auto",
                                    help="exact: greedy ExactOBS / OBQ; blocked: prune d/256 weights per step "
                                         "(pruning only); fast: SparseGPT / GPTQ column sweeps; restricted: the exact "
-                                        "greedy on a forward-selected candidate support, near-exact at 90-99%% "
-                                        "sparsity and far faster (pruning only); auto: at >= 90%% sparsity restricted where its "
+                                        "greedy on a forward-selected candidate support, near-exact at 80-99%% "
+                                        "sparsity and far faster (pruning only); auto: at >= 80%% sparsity restricted where its "
                                         "estimated time is under --auto-seconds per layer and under exact's, else "
                                         "exact where that is, else fast")),
     "auto_seconds": (("--auto-seconds",), dict(type=pos_float, default=60.0, metavar="S",
