@@ -42,7 +42,7 @@ _FLOPS = {"cpu": 1e11, "cuda": 5e12}
 _AUTO_SECONDS = 60.0
 # The restricted greedy's cost grows as its forward selection's, ~R d T^2 / 2 multiply-adds with
 # T = 1.25 widen (1 - s) d + 16 steps per row (the per-row subproblems add a third to a half again).
-# Timed on one thread of an idle 2-core machine (bench/bench_frontier.py, bench/README): one such
+# Timed on one thread of an idle 2-core machine (bench/bench_frontier.py; README, frontier): one such
 # unit cost 3.6-5.2 exact flops at 80-95% on 256x2312 (synthetic and trained), 500x2048 and
 # 512x8192, ~7 at 97% (fixed costs weigh more there).
 _RESTRICTED_COST = 5.0
