@@ -391,3 +391,21 @@ def test_torch_steps_give_the_compiled_result(monkeypatch):
     assert torch.equal(keep1, keep2)
     torch.testing.assert_close(W1, W2)
     torch.testing.assert_close(loss1, loss2)
+
+
+def test_rows_with_nothing_to_keep(always_restricted):
+    """A zero row and a row whose loss weight is 0 get no candidates (their subproblems are all
+    padding): the layer still removes exactly its budget, with finite weights, and keeps nothing
+    of those rows."""
+    R, d = 40, 300
+    H = random_H(d, 13).float()
+    W = weights(R, d, 13)
+    W[3] = 0.0
+    W[7] *= 50.0
+    scale = torch.rand(R, generator=torch.Generator().manual_seed(14)) + 0.5
+    scale[5] = 0.0
+    for sp in (0.9, 0.97):
+        W1, keep, _ = prune_restricted(W, H, sp, row_scale=scale)
+        assert int((~keep).sum()) == round(sp * R * d)
+        assert bool(torch.isfinite(W1).all())
+        assert int(keep[3].sum()) == 0 and int(keep[5].sum()) == 0

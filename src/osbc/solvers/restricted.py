@@ -172,6 +172,7 @@ def _restricted_paths(W: Tensor, Hd: Tensor, g: Tensor, cand: Tensor, need: Tens
         # The inverse is formed in the path's precision (float32 halves its time; the factor, and
         # v, stay float64)
         sigma = (Hd.diagonal()[pos] * valid).sum(1) / valid.sum(1).clamp_min(1)
+        sigma = torch.where(sigma > 0, sigma, 1.0)       # a row with no candidates: all padding
         Hi = _chol_inverse((L / sigma[:, None, None].sqrt()).to(W.dtype))
         del L
         path = path_from_inverse(v.to(W.dtype), Hi, ~valid, steps)
