@@ -409,3 +409,42 @@ def test_rows_with_nothing_to_keep(always_restricted):
         assert int((~keep).sum()) == round(sp * R * d)
         assert bool(torch.isfinite(W1).all())
         assert int(keep[3].sum()) == 0 and int(keep[5].sum()) == 0
+
+
+def test_compiled_first_max_is_numpys_argmax():
+    """The compiled steps choose through block maxima: the first position of the maximum (numpy's
+    argmax), on lengths around the block size, with many ties and infinities."""
+    jit = pytest.importorskip("osbc.solvers.engine.jit")
+    rng = np.random.default_rng(0)
+    for n in (1, 7, 63, 64, 65, 130, 1000):
+        for dtype in (np.float32, np.float64):
+            for _ in range(25):
+                x = rng.integers(-3, 4, n).astype(dtype)
+                x[rng.random(n) < 0.1] = -np.inf
+                x[rng.random(n) < 0.02] = np.inf
+                bmax = np.empty(-(-n // jit._BLOCK), dtype)
+                jit._block_maxima(x, bmax)
+                j, best = jit._first_max(x, bmax)
+                assert j == int(np.argmax(x)) and best == x.max()
+    x = np.full(100, -np.inf, np.float32)          # nothing eligible: the first position
+    bmax = np.empty(2, np.float32)
+    jit._block_maxima(x, bmax)
+    assert jit._first_max(x, bmax)[0] == 0
+
+
+def test_float32_factor_with_refinement_gives_the_float64_solution():
+    """The paths and the kept weights factor H_CC in the layer's float32 and refine v = H_CC^-1 g_C
+    in float64: v matches the float64 solve, on an ill-conditioned spike Hessian."""
+    R, d = 16, 240
+    H = spike_H(d, 31, dead=0.1)
+    W = weights(R, d, 31, torch.float64)
+    Hd, dead, _ = support._damped(H, 0.001, "cpu")          # weak damping: cond(H_CC) ~ 1e4
+    g = W @ Hd
+    mask = torch.rand(R, d, generator=torch.Generator().manual_seed(3)) < 0.4
+    mask &= ~dead
+    pos, valid, v64, _ = support._subproblem(Hd, g, mask, torch.float64)
+    pos32, _, v32, L32 = support._subproblem(Hd, g, mask, torch.float32)
+    assert torch.equal(pos, pos32) and L32.dtype == torch.float32 and v32.dtype == torch.float64
+    Hc = Hd[pos[:, :, None], pos[:, None, :]]
+    assert float(torch.linalg.cond(Hc[0, :int(valid[0].sum()), :int(valid[0].sum())])) > 1e3
+    torch.testing.assert_close(v32, v64, rtol=1e-9, atol=1e-9 * float(v64.abs().max()))

@@ -90,11 +90,14 @@ def _damped(H: Tensor, damp: float, flip: bool = False):
 
 
 def _chol_inverse(L: Tensor) -> Tensor:
-    """(L L^T)^-1 from the lower factor: a triangular inverse and one product (LAPACK's potri is
-    several times slower here)."""
-    Li = torch.eye(L.shape[-1], dtype=L.dtype, device=L.device).expand_as(L).contiguous()
-    Li = torch.linalg.solve_triangular(L, Li, upper=False, out=Li)    # in place: one d x d buffer
-    return Li.mT @ Li
+    """(L L^T)^-1 from the lower factor (LAPACK's potri, exactly symmetric). With torch 2.13 on
+    CPU it took 1.3-5.5x less time than a triangular inverse and a product, from batches of
+    120 x 120 float32 blocks to one 2312 x 2312 float64 matrix, on one and two threads."""
+    X = torch.cholesky_inverse(L)
+    if X.is_contiguous():
+        return X
+    # batches come back column-major; X is symmetric, so its transpose is the same matrix, row-major
+    return X.mT if X.mT.is_contiguous() else X.contiguous()
 
 
 def _block(M: Tensor, idx: Tensor) -> Tensor:

@@ -18,8 +18,65 @@ from __future__ import annotations
 import numba
 import numpy as np
 
+# error_model="numpy": a float division returns inf/nan instead of raising ZeroDivisionError; the
+# check that raising needs keeps LLVM from vectorising the score passes (measured 8x slower)
+_jit = dict(nogil=True, cache=True, boundscheck=False, error_model="numpy")
+_BLOCK = 64      # the score passes' argmax: block maxima first, then one block scanned
 
-@numba.njit(nogil=True, cache=True, boundscheck=False, inline="always")
+
+@numba.njit(**_jit, inline="always")
+def _block_max(x, lo, hi):   # pragma: no cover  (compiled; tested via solvers)
+    """max(x[lo:hi]) with eight running maxima: a single chain is bound by the compare latency,
+    and numba does not vectorise a max reduction."""
+    m0 = m1 = m2 = m3 = m4 = m5 = m6 = m7 = x[lo]
+    i = lo
+    while i + 8 <= hi:
+        a0, a1, a2, a3, a4, a5, a6, a7 = x[i], x[i + 1], x[i + 2], x[i + 3], x[i + 4], x[i + 5], x[i + 6], x[i + 7]
+        m0 = a0 if a0 > m0 else m0
+        m1 = a1 if a1 > m1 else m1
+        m2 = a2 if a2 > m2 else m2
+        m3 = a3 if a3 > m3 else m3
+        m4 = a4 if a4 > m4 else m4
+        m5 = a5 if a5 > m5 else m5
+        m6 = a6 if a6 > m6 else m6
+        m7 = a7 if a7 > m7 else m7
+        i += 8
+    while i < hi:
+        m0 = x[i] if x[i] > m0 else m0
+        i += 1
+    m0 = m1 if m1 > m0 else m0
+    m2 = m3 if m3 > m2 else m2
+    m4 = m5 if m5 > m4 else m4
+    m6 = m7 if m7 > m6 else m6
+    m0 = m2 if m2 > m0 else m0
+    m4 = m6 if m6 > m4 else m4
+    return m4 if m4 > m0 else m0
+
+
+@numba.njit(**_jit, inline="always")
+def _block_maxima(x, bmax):   # pragma: no cover
+    """bmax[b] = max of x's block b (``_BLOCK`` entries)."""
+    n = x.shape[0]
+    for b in range(bmax.shape[0]):
+        bmax[b] = _block_max(x, b * _BLOCK, min(n, (b + 1) * _BLOCK))
+
+
+@numba.njit(**_jit, inline="always")
+def _first_max(x, bmax):   # pragma: no cover
+    """(the first position of x's maximum, the maximum), from its block maxima."""
+    jb = 0
+    for b in range(1, bmax.shape[0]):
+        if bmax[b] > bmax[jb]:
+            jb = b
+    best = bmax[jb]
+    for i in range(jb * _BLOCK, min(x.shape[0], (jb + 1) * _BLOCK)):
+        if x[i] == best:
+            return i, best
+    return jb * _BLOCK, best
+
+
+
+@numba.njit(**_jit, inline="always")
 def _minus_rank_terms(col, U, q, m, n):   # pragma: no cover  (compiled; tested via solvers)
     """col[:n] -= sum_{u < m} U[u, q] U[u, :n], four rows of U per pass over col (a low-rank
     correction read one row at a time: the pending H^-1 downdates, or a Cholesky factor's columns)."""
@@ -38,7 +95,7 @@ def _minus_rank_terms(col, U, q, m, n):   # pragma: no cover  (compiled; tested 
         u += 1
 
 
-@numba.njit(nogil=True, cache=True, boundscheck=False, inline="always")
+@numba.njit(**_jit, inline="always")
 def _minus_rank_terms2(col, col2, U, q, q2, m, n):   # pragma: no cover  (compiled; tested via solvers)
     """``_minus_rank_terms`` for two columns q and q2 in one pass over U: U is read once for
     both (the pass is bound by reading U, not by the multiply-adds)."""
@@ -61,7 +118,7 @@ def _minus_rank_terms2(col, col2, U, q, q2, m, n):   # pragma: no cover  (compil
         u += 1
 
 
-@numba.njit(nogil=True, cache=True, boundscheck=False)
+@numba.njit(**_jit)
 def greedy_steps(A, shared, U, j0, k, n, w, pd, quant, sc, qmin, qmax, nm, gid, cnt, cap,
                  rq, re, rd, rt, s0, floor, inf, one):   # pragma: no cover  (compiled; tested via solvers)
     """``k`` greedy steps for each of the c rows, from lazy position ``j0``.
@@ -74,6 +131,7 @@ def greedy_steps(A, shared, U, j0, k, n, w, pd, quant, sc, qmin, qmax, nm, gid, 
     Writes step s's position, error, [H^-1]_qq (and quantized value) to rq/re/rd/rt[:, s0 + s]."""
     c = w.shape[0]
     score = np.empty(n, w.dtype)
+    bmax = np.empty(-(-n // _BLOCK), w.dtype)
     col = np.empty(n, w.dtype)
     for r in range(c):
         Ar = A[0] if shared else A[r]
@@ -84,23 +142,17 @@ def greedy_steps(A, shared, U, j0, k, n, w, pd, quant, sc, qmin, qmax, nm, gid, 
         s_r = sc[r] if quant else one
         for s in range(k):
             j = j0 + s
-            # choose: the first minimum of pen + e^2 / diag; the min is a vectorised pass, its
-            # position a short scan (a running argmin does not vectorise)
-            best = inf
+            # choose: the first minimum of pen + e^2 / diag, as the first maximum of its negation
+            # (a vectorised pass, then block maxima)
             if quant:
                 for i in range(n):
                     e = wr[i] - min(max(np.rint(wr[i] / s_r), qmin), qmax) * s_r
-                    score[i] = pen[i] + e * e / dg[i]
-                    best = min(best, score[i])
+                    score[i] = -(pen[i] + e * e / dg[i])
             else:
                 for i in range(n):
-                    score[i] = pen[i] + wr[i] * wr[i] / dg[i]
-                    best = min(best, score[i])
-            q = 0
-            for i in range(n):
-                if score[i] == best:
-                    q = i
-                    break
+                    score[i] = -(pen[i] + wr[i] * wr[i] / dg[i])
+            _block_maxima(score, bmax)
+            q = _first_max(score, bmax)[0]
             # row q of the current H^-1: the flushed row minus the pending terms
             for i in range(n):
                 col[i] = Ar[q, i]
@@ -137,7 +189,7 @@ def greedy_steps(A, shared, U, j0, k, n, w, pd, quant, sc, qmin, qmax, nm, gid, 
                             pen[i] = inf
 
 
-@numba.njit(nogil=True, cache=True, boundscheck=False)
+@numba.njit(**_jit)
 def forward_select(Ha, G, t_max, stop, order, gain, ran):   # pragma: no cover  (compiled; tested via solvers)
     """Forward selection (orthogonal least squares) of up to ``t_max`` inputs for each row of G
     [c, n], Gram matrix Ha [n, n]: the math of ``restricted._forward``'s torch loop, step for step
@@ -153,8 +205,16 @@ def forward_select(Ha, G, t_max, stop, order, gain, ran):   # pragma: no cover  
     col = np.empty(n, dt)
     col2 = np.empty(n, dt)
     free = np.empty(n, np.bool_)
-    f = np.empty(2, dt)          # the step's scalars in G's precision (keeps the fused pass in float32)
-    tiny = 1e-30
+    score = np.empty(n, dt)
+    bmax = np.empty(-(-n // _BLOCK), dt)
+    floor = np.empty(n, dt)      # below this Schur complement an input counts as dependent
+    for i in range(n):
+        floor[i] = 1e-6 * Ha[i, i]
+    # the step's scalars and the constants in G's precision (keeps the fused passes in float32)
+    f = np.empty(2, dt)
+    k = np.empty(4, dt)
+    k[0], k[1], k[2], k[3] = 1e-30, -1.0, -2.0, -3.0
+    tiny = k[0]
     for row in range(c):
         for i in range(n):
             r[i] = G[row, i]
@@ -166,21 +226,17 @@ def forward_select(Ha, G, t_max, stop, order, gain, ran):   # pragma: no cover  
         for t in range(t_max):
             # choose: the first maximum of r^2 / s over free inputs whose Schur complement is not
             # vanishing; nearly dependent ones score -1 (they come last, at zero gain)
-            best = -2.0
-            second = -2.0
-            j = 0
-            j2 = -1
             for i in range(n):
-                if free[i]:
-                    sc = r[i] * r[i] / max(s[i], tiny) if s[i] > 1e-6 * Ha[i, i] else -1.0
-                    if sc > best:
-                        second = best
-                        j2 = j
-                        best = sc
-                        j = i
-                    elif sc > second:
-                        second = sc
-                        j2 = i
+                q = r[i] * r[i] / max(s[i], tiny)
+                q = q if s[i] > floor[i] else k[1]
+                score[i] = q if free[i] else k[2]
+            _block_maxima(score, bmax)
+            j, best = _first_max(score, bmax)
+            # the runner-up: the maximum with j set aside (only j's block changes)
+            score[j] = k[3]
+            jb = j // _BLOCK
+            bmax[jb] = _block_max(score, jb * _BLOCK, min(n, (jb + 1) * _BLOCK))
+            j2, second = _first_max(score, bmax)
             if second < 0.0:
                 j2 = -1
             ok = best >= 0.0
@@ -222,7 +278,7 @@ def forward_select(Ha, G, t_max, stop, order, gain, ran):   # pragma: no cover  
                 break
 
 
-@numba.njit(nogil=True, cache=True, boundscheck=False)
+@numba.njit(**_jit)
 def principal_blocks(Hd, pos, cnt, out):   # pragma: no cover  (compiled; tested via solvers)
     """out[r] = Hd[pos[r]][:, pos[r]] on the first cnt[r] positions, identity on the rest: each
     row's principal submatrix of the symmetric Hd, its lower triangle read a row of Hd at a time
