@@ -448,3 +448,29 @@ def test_float32_factor_with_refinement_gives_the_float64_solution():
     Hc = Hd[pos[:, :, None], pos[:, None, :]]
     assert float(torch.linalg.cond(Hc[0, :int(valid[0].sum()), :int(valid[0].sum())])) > 1e3
     torch.testing.assert_close(v32, v64, rtol=1e-9, atol=1e-9 * float(v64.abs().max()))
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+def test_wide_speculation_takes_the_same_steps(dtype):
+    """The compiled forward selection speculates three columns per pass once a row's factor is
+    larger than ``wide`` bytes, one otherwise: the same inputs in the same order, the same gains."""
+    jit = pytest.importorskip("osbc.solvers.engine.jit")
+    R, d, steps = 6, 260, 90
+    H = spike_H(d, 12, dead=0.0)
+    Hd, _, _ = support._damped(H, 0.01, "cpu")
+    G = (weights(R, d, 12, torch.float64) @ Hd).numpy().astype(dtype)
+    Ha = Hd.numpy().astype(dtype)
+    out = []
+    for wide in (0, 2 ** 62, 40 * d * np.dtype(dtype).itemsize):     # always, never, from step 40
+        order, gain = np.zeros((R, steps), np.int64), np.zeros((R, steps))
+        ran = np.zeros(R, np.int64)
+        jit.forward_select(Ha, G, steps, np.full(R, -np.inf), order, gain, ran, wide)
+        assert (ran == steps).all()
+        out.append((order, gain))
+    for order, gain in out[1:]:
+        np.testing.assert_array_equal(order[:, :40], out[0][0][:, :40])
+        if dtype == np.float64:
+            np.testing.assert_array_equal(order, out[0][0])
+            np.testing.assert_allclose(gain, out[0][1], rtol=1e-9)
+        else:
+            np.testing.assert_allclose(gain.sum(1), out[0][1].sum(1), rtol=1e-3)

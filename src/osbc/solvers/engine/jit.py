@@ -11,6 +11,12 @@ only the summation order of the pending term differs, at rounding level.
 ``forward_select`` does the same for the restricted solver's forward selection
 (``restricted._forward``), whose steps are a matrix-vector product and a few passes over n each.
 
+Every kernel compiles with numba's numpy error model (a division by zero gives inf, as in torch):
+the default Python model checks each division and so keeps LLVM from vectorising the score
+passes, which then took 8x longer. Each step's choice (the first maximum of a score) is a
+vectorised pass, eight running maxima per block of 64 and one block scanned: a plain running
+argmax is a serial chain of compares.
+
 Imported lazily by ``engine.greedy``; without numba the torch path runs instead.
 """
 from __future__ import annotations
@@ -189,25 +195,62 @@ def greedy_steps(A, shared, U, j0, k, n, w, pd, quant, sc, qmin, qmax, nm, gid, 
                             pen[i] = inf
 
 
+@numba.njit(**_jit, inline="always")
+def _minus_rank_terms4(c0, c1, c2, c3, U, q0, q1, q2, q3, m, n):   # pragma: no cover  (compiled; tested via solvers)
+    """``_minus_rank_terms`` for four columns in one pass over U (for factors too large for the
+    cache: the pass is bound by reading U from memory, and the extra multiply-adds are free)."""
+    u = 0
+    while u + 4 <= m:
+        a0, a1, a2, a3 = U[u, q0], U[u + 1, q0], U[u + 2, q0], U[u + 3, q0]
+        b0, b1, b2, b3 = U[u, q1], U[u + 1, q1], U[u + 2, q1], U[u + 3, q1]
+        d0, d1, d2, d3 = U[u, q2], U[u + 1, q2], U[u + 2, q2], U[u + 3, q2]
+        e0, e1, e2, e3 = U[u, q3], U[u + 1, q3], U[u + 2, q3], U[u + 3, q3]
+        u0, u1, u2, u3 = U[u], U[u + 1], U[u + 2], U[u + 3]
+        for i in range(n):
+            x0, x1, x2, x3 = u0[i], u1[i], u2[i], u3[i]
+            c0[i] -= a0 * x0 + a1 * x1 + a2 * x2 + a3 * x3
+            c1[i] -= b0 * x0 + b1 * x1 + b2 * x2 + b3 * x3
+            c2[i] -= d0 * x0 + d1 * x1 + d2 * x2 + d3 * x3
+            c3[i] -= e0 * x0 + e1 * x1 + e2 * x2 + e3 * x3
+        u += 4
+    while u < m:
+        a0, b0, d0, e0 = U[u, q0], U[u, q1], U[u, q2], U[u, q3]
+        u0 = U[u]
+        for i in range(n):
+            c0[i] -= a0 * u0[i]
+            c1[i] -= b0 * u0[i]
+            c2[i] -= d0 * u0[i]
+            c3[i] -= e0 * u0[i]
+        u += 1
+
+
 @numba.njit(**_jit)
-def forward_select(Ha, G, t_max, stop, order, gain, ran):   # pragma: no cover  (compiled; tested via solvers)
+def forward_select(Ha, G, t_max, stop, order, gain, ran, wide):   # pragma: no cover  (compiled; tested via solvers)
     """Forward selection (orthogonal least squares) of up to ``t_max`` inputs for each row of G
     [c, n], Gram matrix Ha [n, n]: the math of ``restricted._forward``'s torch loop, step for step
-    (there the factor's column is a batched product; here a row's factor C [t, n] stays in cache
-    and the per-step passes over n are fused). Writes the chosen positions to order[:, :t], the
-    loss decreases 1/2 r_j^2 / s_j to gain[:, :t] and t to ran; a row stops early once the least
-    of its gains so far falls under stop[row]."""
+    (there the factor's column is a batched product; here a row's factor C [t, n] is read once
+    per pass and the per-step passes over n are fused). Writes the chosen positions to
+    order[:, :t], the loss decreases 1/2 r_j^2 / s_j to gain[:, :t] and t to ran; a row stops
+    early once the least of its gains so far falls under stop[row].
+
+    The pass over C that computes the chosen input's column also computes the columns of the
+    next-best inputs as of this step (speculation): when one of them is a later pick, its column
+    needs only the factor rows added since. One runner-up while C is smaller than ``wide`` bytes
+    (the pass is bound by the cache's bandwidth, a second column is about free and a third is
+    not), three once it is larger (the pass then streams C from memory and four columns cost
+    what one does)."""
     c, n = G.shape
     dt = G.dtype
     C = np.empty((t_max, n), dt)
     r = np.empty(n, dt)
     s = np.empty(n, dt)
-    col = np.empty(n, dt)
-    col2 = np.empty(n, dt)
+    cols = np.zeros((4, n), dt)      # the pass's columns: the pick's, then the speculated ones
+    qs = np.empty(4, np.int64)
+    sidx = np.empty(4, np.int64)     # the input whose column cols[b] holds (-1: none)
     free = np.empty(n, np.bool_)
     score = np.empty(n, dt)
     bmax = np.empty(-(-n // _BLOCK), dt)
-    floor = np.empty(n, dt)      # below this Schur complement an input counts as dependent
+    floor = np.empty(n, dt)          # below this Schur complement an input counts as dependent
     for i in range(n):
         floor[i] = 1e-6 * Ha[i, i]
     # the step's scalars and the constants in G's precision (keeps the fused passes in float32)
@@ -222,7 +265,9 @@ def forward_select(Ha, G, t_max, stop, order, gain, ran):   # pragma: no cover  
             free[i] = True
         low = np.inf
         ran[row] = t_max
-        spec, spec_t = -1, 0         # the speculated column's input and the factor rows it has
+        for b in range(4):
+            sidx[b] = -1
+        spec_t = 0                   # the factor rows the speculated columns have
         for t in range(t_max):
             # choose: the first maximum of r^2 / s over free inputs whose Schur complement is not
             # vanishing; nearly dependent ones score -1 (they come last, at zero gain)
@@ -232,34 +277,48 @@ def forward_select(Ha, G, t_max, stop, order, gain, ran):   # pragma: no cover  
                 score[i] = q if free[i] else k[2]
             _block_maxima(score, bmax)
             j, best = _first_max(score, bmax)
-            # the runner-up: the maximum with j set aside (only j's block changes)
-            score[j] = k[3]
-            jb = j // _BLOCK
-            bmax[jb] = _block_max(score, jb * _BLOCK, min(n, (jb + 1) * _BLOCK))
-            j2, second = _first_max(score, bmax)
-            if second < 0.0:
-                j2 = -1
             ok = best >= 0.0
             sj = np.sqrt(max(s[j], tiny)) if ok else 1.0
-            # column t of the pivoted Cholesky factor: (H_:j - C^T C_:j) / sqrt(s_j). The pass over
-            # C also computes the runner-up's column (as of this step): when the runner-up is the
-            # next pick (about a third of the steps), its column then needs only this step's row
-            if j == spec:
-                for i in range(n):
-                    col[i] = col2[i]
+            # column t of the pivoted Cholesky factor: (H_:j - C^T C_:j) / sqrt(s_j)
+            hit = -1
+            for b in range(4):
+                if sidx[b] == j:
+                    hit = b
+            if hit >= 0:
+                col = cols[hit]
                 _minus_rank_terms(col, C[spec_t:], j, t - spec_t, n)
-                spec = -1
-            elif j2 >= 0:
-                for i in range(n):
-                    col[i] = Ha[j, i]
-                    col2[i] = Ha[j2, i]
-                _minus_rank_terms2(col, col2, C, j, j2, t, n)
-                spec, spec_t = j2, t
+                sidx[hit] = -1
             else:
-                for i in range(n):
-                    col[i] = Ha[j, i]
-                _minus_rank_terms(col, C, j, t, n)
-                spec = -1
+                nspec = 3 if t * n * C.itemsize > wide else 1
+                qs[0] = j
+                nq = 1
+                while nq <= nspec:       # the next best, one at a time (only one block changes)
+                    score[qs[nq - 1]] = k[3]
+                    jb = qs[nq - 1] // _BLOCK
+                    bmax[jb] = _block_max(score, jb * _BLOCK, min(n, (jb + 1) * _BLOCK))
+                    j2, sc2 = _first_max(score, bmax)
+                    if sc2 < 0.0:
+                        break
+                    qs[nq] = j2
+                    nq += 1
+                for b in range(nq):
+                    cb = cols[b]
+                    hq = Ha[qs[b]]
+                    for i in range(n):
+                        cb[i] = hq[i]
+                if nq == 1:
+                    _minus_rank_terms(cols[0], C, qs[0], t, n)
+                elif nq == 2:
+                    _minus_rank_terms2(cols[0], cols[1], C, qs[0], qs[1], t, n)
+                else:
+                    for b in range(nq, 4):       # pad to four: the spare columns are scratch
+                        qs[b] = qs[0]
+                    _minus_rank_terms4(cols[0], cols[1], cols[2], cols[3], C, qs[0], qs[1], qs[2], qs[3], t, n)
+                sidx[0] = -1
+                for b in range(1, 4):
+                    sidx[b] = qs[b] if b < nq else -1
+                spec_t = t
+                col = cols[0]
             f[0] = 1.0 / sj if ok else 0.0
             f[1] = r[j] / sj if ok else 0.0
             scale, at = f[0], f[1]
