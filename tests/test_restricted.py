@@ -474,3 +474,19 @@ def test_wide_speculation_takes_the_same_steps(dtype):
             np.testing.assert_allclose(gain, out[0][1], rtol=1e-9)
         else:
             np.testing.assert_allclose(gain.sum(1), out[0][1].sum(1), rtol=1e-3)
+
+
+def test_blocks_float32_cannot_factor_fall_back_to_float64():
+    """Two inputs equal to float32's precision with almost no damping: the float32 factor fails,
+    the chunk is factored in float64, and v is the float64 solve's."""
+    d = 6
+    A = torch.randn(40, d, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    A[:, 1] = A[:, 0] * (1 + 1e-9)
+    Hd = A.T @ A + 1e-10 * torch.eye(d, dtype=torch.float64)
+    assert int(torch.linalg.cholesky_ex(Hd.float())[1]) != 0
+    g = torch.randn(2, d, generator=torch.Generator().manual_seed(1), dtype=torch.float64) @ Hd
+    mask = torch.ones(2, d, dtype=torch.bool)
+    _, _, v64, _ = support._subproblem(Hd, g, mask, torch.float64)
+    _, _, v32, L = support._subproblem(Hd, g, mask, torch.float32)
+    assert L.dtype == torch.float64 and bool(torch.isfinite(v32).all())
+    torch.testing.assert_close(v32, v64)

@@ -139,7 +139,7 @@ def _subproblem(Hd: Tensor, g: Tensor, mask: Tensor, dtype=torch.float64):
     (the best row supported on C, float64) and the Cholesky factor of H_CC [c, m, m] with identity
     on the padding, in ``dtype``: a float32 factor takes half the time, and two refinement steps in
     float64 (residual g_C - H_CC v; each shrinks v's error by about cond(H_CC) * 6e-8) bring v back
-    to about float64's accuracy."""
+    to about float64's accuracy. A chunk whose blocks float32 cannot factor is factored in float64."""
     pos, valid = _positions(mask)
     jit = _jit_module(Hd.device, DEFAULT_OPTIONS)
     if jit is not None:
@@ -150,7 +150,11 @@ def _subproblem(Hd: Tensor, g: Tensor, mask: Tensor, dtype=torch.float64):
         Hc = Hd[pos[:, :, None], pos[:, None, :]].masked_fill_(~both, 0.0)
         Hc.diagonal(dim1=1, dim2=2).add_(~valid)         # identity on the padding
     b = g.gather(1, pos) * valid
-    L = torch.linalg.cholesky(Hc.to(dtype))
+    L, info = torch.linalg.cholesky_ex(Hc.to(dtype))
+    if dtype != torch.float64 and bool((info != 0).any()):
+        # a block too ill-conditioned for a float32 factor (nearly equal inputs, little damping)
+        dtype = torch.float64
+        L = torch.linalg.cholesky(Hc)
     v = torch.cholesky_solve(b[..., None].to(dtype), L)[..., 0].double() * valid
     for _ in range(2 if dtype != torch.float64 else 0):
         res = b - (Hc @ v[..., None])[..., 0]
@@ -183,7 +187,7 @@ def _restricted_paths(W: Tensor, Hd: Tensor, g: Tensor, cand: Tensor, need: Tens
         # refined to float64 accuracy in _subproblem)
         sigma = (Hd.diagonal()[pos] * valid).sum(1) / valid.sum(1).clamp_min(1)
         sigma = torch.where(sigma > 0, sigma, 1.0)       # a row with no candidates: all padding
-        Hi = _chol_inverse(L / sigma[:, None, None].sqrt().to(L.dtype))
+        Hi = _chol_inverse(L / sigma[:, None, None].sqrt().to(L.dtype)).to(W.dtype)
         del L
         path = path_from_inverse(v.to(W.dtype), Hi, ~valid, steps)
         real = torch.arange(steps, device=W.device)[None] < (steps - npad)[:, None]
