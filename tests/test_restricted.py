@@ -490,3 +490,16 @@ def test_blocks_float32_cannot_factor_fall_back_to_float64():
     _, _, v32, L = support._subproblem(Hd, g, mask, torch.float32)
     assert L.dtype == torch.float64 and bool(torch.isfinite(v32).all())
     torch.testing.assert_close(v32, v64)
+
+
+def test_progress_bars_show_both_stages_and_change_nothing(capsys, always_restricted):
+    """progress=True draws a bar for the forward selection and one for the paths (stderr) and
+    gives the same result as progress=False."""
+    R, d = 24, 200
+    H = spike_H(d, 41)
+    W = weights(R, d, 41)
+    on = prune_restricted(W, H, 0.9, progress=True)
+    err = capsys.readouterr().err
+    assert "forward selection" in err and "restricted OBS" in err
+    off = prune_restricted(W, H, 0.9, progress=False)
+    assert torch.equal(on[0], off[0]) and torch.equal(on[1], off[1])

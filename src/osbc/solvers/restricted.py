@@ -210,7 +210,7 @@ def _live_gram(Hd: Tensor, dead: Tensor, dtype) -> tuple[Tensor, Tensor]:
 
 
 def _forward(Hd: Tensor, g: Tensor, dead: Tensor, steps: int, max_memory: int, dtype, stop: Tensor | None = None,
-             gram: tuple[Tensor, Tensor] | None = None):
+             gram: tuple[Tensor, Tensor] | None = None, bar=None):
     """Forward selection (orthogonal least squares) of up to ``steps`` inputs per row: grow S one
     input at a time, taking j = argmax r_j^2 / s_j with r = g - H_:S H_SS^-1 g_S (the gradient of
     the loss at the best row on S) and s = diag(H - H_:S H_SS^-1 H_S:) (the Schur complement). Each
@@ -218,7 +218,8 @@ def _forward(Hd: Tensor, g: Tensor, dead: Tensor, steps: int, max_memory: int, d
     r -= c r_j / sqrt(s_j), s -= c^2, and the loss falls by 1/2 r_j^2 / s_j. O(d t) per step.
     ``stop`` [r]: a row may stop once the least of its gains so far is under stop[r] (the compiled
     steps do; the batched torch steps run every row to the end). ``gram``: ``_live_gram``'s
-    result, when the caller runs several selections on one H.
+    result, when the caller runs several selections on one H. ``bar``: a progress bar, advanced by
+    the rows done.
     Returns (order [r, steps] input indices, gain [r, steps] loss decreases made non-increasing,
     -inf past the computed steps, ran [r] steps computed). On CPU with numba the steps run
     compiled (``engine.jit``), a row at a time, the rows shared by the worker threads; otherwise
@@ -236,10 +237,16 @@ def _forward(Hd: Tensor, g: Tensor, dead: Tensor, steps: int, max_memory: int, d
         stop = torch.full((R,), -float("inf"), dtype=torch.float64) if stop is None else stop.to(torch.float64)
         Hn, Gn, sn, on, gn, rn = Ha.numpy(), G.numpy(), stop.numpy(), order.numpy(), gain.numpy(), ran.numpy()
         workers = _workers(g.device, DEFAULT_OPTIONS)
-        _map(lambda rr: jit.forward_select(Hn, Gn[rr], t_max, sn[rr], on[rr], gn[rr], rn[rr], _WIDE_PASS),
-             _worker_chunks(R, -(-R // workers), workers), workers)
+        def one(rr):
+            jit.forward_select(Hn, Gn[rr], t_max, sn[rr], on[rr], gn[rr], rn[rr], _WIDE_PASS)
+            if bar is not None:
+                bar.update(rr.stop - rr.start)
+        # several chunks per worker: the progress bar moves (the chunks' size does not change the time)
+        _map(one, _worker_chunks(R, -(-R // (8 * workers)), workers), workers)
     else:
         _forward_torch(Ha, G, t_max, order, gain, max_memory)
+        if bar is not None:
+            bar.update(R)
     order[:, :t_max] = a[order[:, :t_max]]
     return order, gain.cummin(1).values, ran
 
@@ -281,7 +288,7 @@ def _forward_torch(Ha: Tensor, G: Tensor, t_max: int, order: Tensor, gain: Tenso
             gain[rr, t] = 0.5 * at.double() ** 2
 
 
-def _select(groups, W: Tensor, n_cand: int, row_scale, max_memory: int, dtype) -> Tensor:
+def _select(groups, W: Tensor, n_cand: int, row_scale, max_memory: int, dtype, bar=None) -> Tensor:
     """[R, d] candidate mask: the layer's n_cand largest forward-selection gains (times
     row_scale), a prefix of every row's selection.
 
@@ -316,7 +323,7 @@ def _select(groups, W: Tensor, n_cand: int, row_scale, max_memory: int, dtype) -
             sel = rows[todo[rows]]
             if len(sel):
                 order[sel, :length], gain[sel, :length], ran[sel] = _forward(
-                    Hd, g[todo[rows]], dead, length, max_memory, dtype, stop[sel], gram)
+                    Hd, g[todo[rows]], dead, length, max_memory, dtype, stop[sel], gram, bar)
 
     def threshold(rows: Tensor, k: int) -> tuple[Tensor, float]:
         """Each row's count of the k largest scaled gains among ``rows``, and the least of those."""
@@ -344,6 +351,9 @@ def _select(groups, W: Tensor, n_cand: int, row_scale, max_memory: int, dtype) -
             steps = min(d, 3 * steps // 2)
             order = torch.cat([order, order.new_zeros(R, steps - order.shape[1])], 1)
             gain = torch.cat([gain, gain.new_full((R, steps - gain.shape[1]), -float("inf"))], 1)
+        if bar is not None:
+            bar.total += int(todo.sum())
+            bar.refresh()
         run(todo, steps)
 
 
@@ -439,7 +449,13 @@ def prune_restricted(W: Tensor, H, sparsity, *, widen: float = DEFAULT_WIDEN, ca
     else:
         n_cand = min(round(widen * kept), live)
         cdt = torch.float64 if W.dtype == torch.float64 else torch.float32
-        cand = _select(groups, W, n_cand, row_scale, max_memory, cdt)
+        sel_bar = None
+        if progress:
+            from tqdm.auto import tqdm
+            sel_bar = tqdm(total=R, desc="forward selection", unit="row", leave=False)
+        cand = _select(groups, W, n_cand, row_scale, max_memory, cdt, sel_bar)
+        if sel_bar is not None:
+            sel_bar.close()
     if kept > int(cand.sum()):
         raise RuntimeError(f"candidate set of {int(cand.sum())} inputs under the {kept} to keep")
     bar = None
