@@ -42,10 +42,11 @@ _FLOPS = {"cpu": 1e11, "cuda": 5e12}
 _AUTO_SECONDS = 60.0
 # The restricted greedy's cost grows as its forward selection's, ~R d T^2 / 2 multiply-adds with
 # T = 1.25 widen (1 - s) d + 16 steps per row (the per-row subproblems add a third to a half again).
-# Timed on one thread of an idle 2-core machine (bench/bench_frontier.py; README, frontier): one such
-# unit cost 3.6-5.2 exact flops at 80-95% on 256x2312 (synthetic and trained), 500x2048 and
-# 512x8192, ~7 at 97% (fixed costs weigh more there).
-_RESTRICTED_COST = 5.0
+# Timed on two threads of an idle 2-core machine, as _FLOPS (bench/bench_frontier.py; README,
+# frontier): one such unit cost 2.4-2.9 exact flops at 90-95% on 256x2312, 500x2048 and 512x8192
+# (101 s for 512x8192 at 90%, 21 s at 95%); more at 97-99%, where fixed costs weigh more but the
+# whole solve takes seconds.
+_RESTRICTED_COST = 3.0
 # Below this sparsity the candidate support is large: auto then chooses between exact and fast
 # only. At 80-85% restricted took 1.7-4.2x less time than exact on 256x2312 (synthetic and
 # trained) at 1% lower membrane error; below, its candidate set nears half the live inputs, where
