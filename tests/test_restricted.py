@@ -464,7 +464,7 @@ def test_wide_speculation_takes_the_same_steps(dtype):
     for wide in (0, 2 ** 62, 40 * d * np.dtype(dtype).itemsize):     # always, never, from step 40
         order, gain = np.zeros((R, steps), np.int64), np.zeros((R, steps))
         ran = np.zeros(R, np.int64)
-        jit.forward_select(Ha, G, steps, np.full(R, -np.inf), order, gain, ran, wide)
+        jit.forward_select(Ha, G, steps, np.full(R, -np.inf), order, gain, ran, wide, steps, d)
         assert (ran == steps).all()
         out.append((order, gain))
     for order, gain in out[1:]:
@@ -503,3 +503,69 @@ def test_progress_bars_show_both_stages_and_change_nothing(capsys, always_restri
     assert "forward selection" in err and "restricted OBS" in err
     off = prune_restricted(W, H, 0.9, progress=False)
     assert torch.equal(on[0], off[0]) and torch.equal(on[1], off[1])
+
+
+def _np_scores(Hd, g, S, live):
+    """r_i^2 / s_i of every live input given the support S, by plain solves (the selection's score)."""
+    S = list(S)
+    Z = np.linalg.solve(Hd[np.ix_(S, S)], Hd[S])
+    r = g - Z.T @ g[S]
+    s = np.diag(Hd) - (Hd[S] * Z).sum(0)
+    sc = np.where(s > 1e-6 * np.diag(Hd), r * r / np.maximum(s, 1e-30), -1.0)
+    sc[S] = -2.0
+    sc[~live] = -3.0
+    return sc
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_pool_phase_picks_among_the_best_scorers_and_compiled_equals_torch(dtype, monkeypatch):
+    """After t_full steps over all inputs a row goes on among the `pool` inputs that then score
+    best: every later pick is one of them (scores from plain solves on the first t_full picks),
+    and the compiled and the torch steps take the same inputs."""
+    pytest.importorskip("numba")
+    from osbc.solvers.engine import greedy as engine_greedy
+    R, d, steps, t_full, pool = 12, 260, 60, 25, 40
+    H = spike_H(d, 9, dead=0.2)
+    W = weights(R, d, 9, torch.float64)
+    Hd, dead, _ = support._damped(H, 0.01, "cpu")
+    g = W @ Hd
+    o_jit, g_jit, _ = support._forward(Hd, g, dead, steps, 2 ** 26, dtype, t_full=t_full, pool=pool)
+    monkeypatch.setattr(engine_greedy, "_JIT_MOD", False)
+    o_t, g_t, _ = support._forward(Hd, g, dead, steps, 2 ** 26, dtype, t_full=t_full, pool=pool)
+    if dtype == torch.float64:
+        assert torch.equal(o_jit, o_t)
+        torch.testing.assert_close(g_jit, g_t, rtol=1e-9, atol=0.0)
+    else:
+        assert torch.equal(o_jit[:, :20], o_t[:, :20])
+    Hn, live = Hd.numpy(), ~dead.numpy()
+    full, _, _ = support._forward(Hd, g, dead, steps, 2 ** 26, dtype)
+    differs = []
+    for r in range(R):
+        o = o_jit[r].tolist()
+        assert len(set(o)) == steps and live[o].all()
+        assert o[:t_full] == full[r, :t_full].tolist()          # the first t_full steps: plain selection
+        sc = _np_scores(Hn, g[r].numpy(), o[:t_full], live)
+        best = set(np.argsort(-sc, kind="stable")[:pool].tolist())
+        assert set(o[t_full:]) <= best
+        differs.append(o[t_full:] != full[r, t_full:].tolist())
+    assert any(differs)          # the pool is narrow enough to change some row's later picks
+
+
+def test_pool_only_at_low_sparsity(monkeypatch, always_restricted):
+    """_select hands _forward a pool phase only where the candidates exceed _POOL_FROM of the live
+    inputs per row (low sparsity), and never a pool as wide as the inputs."""
+    R, d = 16, 400
+    H = spike_H(d, 13, dead=0.0)
+    W = weights(R, d, 13)
+    seen = []
+    real = support._forward
+
+    def spy(*a, **kw):
+        seen.append((kw.get("t_full", a[9] if len(a) > 9 else None), kw.get("pool", a[10] if len(a) > 10 else None)))
+        return real(*a, **kw)
+    monkeypatch.setattr(support, "_forward", spy)
+    prune_restricted(W, H, 0.97)
+    assert seen and all(tf is None for tf, _ in seen)
+    seen.clear()
+    prune_restricted(W, H, 0.85)
+    assert seen and all(tf is not None and pool < d for tf, pool in seen)

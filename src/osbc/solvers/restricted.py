@@ -67,6 +67,13 @@ _SAMPLE_REACH = 1.25              # the sampled rows' steps: this many times the
 # sharing a 32 MB L3): it then computes three speculated columns instead of one (4608 inputs at 90%:
 # no change; 8192: 14% faster per row; smaller factors: slower)
 _WIDE_PASS = 16 * 2 ** 20
+# at low sparsity (candidates over _POOL_FROM of the live inputs per row) a row's selection takes
+# its first _POOL_FULL x the average candidate count over all inputs, then goes on among the
+# _POOL_WIDTH x (steps left) + 8 inputs that score best at that point: most of the arithmetic of
+# the late steps is on inputs that are never picked
+_POOL_FROM = 0.1
+_POOL_FULL = 0.64
+_POOL_WIDTH = 2.0
 _PATH_REACH = 2.0                # first path length: this many times the average share removed
 _EXACT_SHARE = 0.5               # above this share of live inputs in C, run the exact greedy instead
 
@@ -210,7 +217,8 @@ def _live_gram(Hd: Tensor, dead: Tensor, dtype) -> tuple[Tensor, Tensor]:
 
 
 def _forward(Hd: Tensor, g: Tensor, dead: Tensor, steps: int, max_memory: int, dtype, stop: Tensor | None = None,
-             gram: tuple[Tensor, Tensor] | None = None, bar=None):
+             gram: tuple[Tensor, Tensor] | None = None, bar=None, t_full: int | None = None,
+             pool: int | None = None):
     """Forward selection (orthogonal least squares) of up to ``steps`` inputs per row: grow S one
     input at a time, taking j = argmax r_j^2 / s_j with r = g - H_:S H_SS^-1 g_S (the gradient of
     the loss at the best row on S) and s = diag(H - H_:S H_SS^-1 H_S:) (the Schur complement). Each
@@ -219,7 +227,9 @@ def _forward(Hd: Tensor, g: Tensor, dead: Tensor, steps: int, max_memory: int, d
     ``stop`` [r]: a row may stop once the least of its gains so far is under stop[r] (the compiled
     steps do; the batched torch steps run every row to the end). ``gram``: ``_live_gram``'s
     result, when the caller runs several selections on one H. ``bar``: a progress bar, advanced by
-    the rows done.
+    the rows done. ``t_full``, ``pool``: after t_full steps each row goes on among the pool inputs
+    that score best at that point (their scores exact, the others no longer updated: a step then
+    costs pool / n of a full one); None: every step over all inputs.
     Returns (order [r, steps] input indices, gain [r, steps] loss decreases made non-increasing,
     -inf past the computed steps, ran [r] steps computed). On CPU with numba the steps run
     compiled (``engine.jit``), a row at a time, the rows shared by the worker threads; otherwise
@@ -232,50 +242,64 @@ def _forward(Hd: Tensor, g: Tensor, dead: Tensor, steps: int, max_memory: int, d
     order = torch.zeros(R, steps, dtype=torch.int64, device=g.device)
     gain = torch.full((R, steps), -float("inf"), dtype=torch.float64, device=g.device)
     ran = torch.full((R,), t_max, dtype=torch.int64, device=g.device)
+    t_full = t_max if t_full is None else min(int(t_full), t_max)
+    pool = n if pool is None else max(1, min(int(pool), n))
     jit = _jit_module(g.device, DEFAULT_OPTIONS)
     if jit is not None:
         stop = torch.full((R,), -float("inf"), dtype=torch.float64) if stop is None else stop.to(torch.float64)
         Hn, Gn, sn, on, gn, rn = Ha.numpy(), G.numpy(), stop.numpy(), order.numpy(), gain.numpy(), ran.numpy()
         workers = _workers(g.device, DEFAULT_OPTIONS)
         def one(rr):
-            jit.forward_select(Hn, Gn[rr], t_max, sn[rr], on[rr], gn[rr], rn[rr], _WIDE_PASS)
+            jit.forward_select(Hn, Gn[rr], t_max, sn[rr], on[rr], gn[rr], rn[rr], _WIDE_PASS, t_full, pool)
             if bar is not None:
                 bar.update(rr.stop - rr.start)
         # several chunks per worker: the progress bar moves (the chunks' size does not change the time)
         _map(one, _worker_chunks(R, -(-R // (8 * workers)), workers), workers)
     else:
-        _forward_torch(Ha, G, t_max, order, gain, max_memory)
+        _forward_torch(Ha, G, t_max, order, gain, max_memory, t_full, pool)
         if bar is not None:
             bar.update(R)
     order[:, :t_max] = a[order[:, :t_max]]
     return order, gain.cummin(1).values, ran
 
 
-def _forward_torch(Ha: Tensor, G: Tensor, t_max: int, order: Tensor, gain: Tensor, max_memory: int) -> None:
+def _forward_torch(Ha: Tensor, G: Tensor, t_max: int, order: Tensor, gain: Tensor, max_memory: int,
+                   t_full: int, pool: int) -> None:
     """``_forward``'s steps as batched torch ops over row chunks (CUDA, or CPU without numba);
-    fills order (positions among the live inputs) and gain."""
+    fills order (positions among the live inputs) and gain. After ``t_full`` steps each row goes
+    on among its ``pool`` best-scoring free inputs (as the compiled steps)."""
     R, n = G.shape
     diag = Ha.diagonal()
     # a chunk's factor C is re-read at every step: on CPU keep it about cache-sized (2x faster than
     # large chunks); a GPU wants many rows per step instead
     cap = max_memory if G.is_cuda else min(max_memory, _FORWARD_CACHE)
     c_max = max(1, cap // (Ha.element_size() * n * (t_max + 8)))
+    split = t_full if pool < n else t_max
     for r0 in range(0, R, c_max):
         rr = slice(r0, min(R, r0 + c_max))
         r = G[rr].clone()
         c = r.shape[0]
         s = diag.expand(c, n).clone()
+        dg = diag.expand(c, n)
         free = torch.ones(c, n, dtype=torch.bool, device=G.device)
         C = torch.empty(c, t_max, n, dtype=G.dtype, device=G.device)
         ar = torch.arange(c, device=G.device)
+        P = None                 # the pool's positions [c, pool] once the row goes on among them
         for t in range(t_max):
+            if t == split:
+                score = torch.where(free & (s > 1e-6 * dg), r * r / s.clamp_min(1e-30), torch.where(free, -1.0, -2.0))
+                # the best first; ties: the lower position first (the compiled steps' order)
+                P = torch.sort(score, dim=1, descending=True, stable=True).indices[:, :pool]
+                r, s, free, dg = r.gather(1, P), s.gather(1, P), free.gather(1, P), dg.gather(1, P)
+                C = C.gather(2, P[:, None, :].expand(c, t_max, P.shape[1])).contiguous()
             # a nearly dependent input (tiny Schur complement) lowers the loss by nothing that can
             # be trusted: such inputs come last, at zero gain, and leave r and s as they are
-            ok = free & (s > 1e-6 * diag)
+            ok = free & (s > 1e-6 * dg)
             j = torch.where(ok, r * r / s.clamp_min(1e-30), torch.where(free, -1.0, -2.0)).argmax(1)
             okj = ok[ar, j]
             sj = torch.where(okj, s[ar, j], 1.0).clamp_min(1e-30).sqrt()
-            col = Ha[j]
+            jg = j if P is None else P[ar, j]
+            col = Ha[jg] if P is None else Ha[jg].gather(1, P)
             if t:
                 col = col - torch.bmm(C[ar, :t, j][:, None], C[:, :t])[:, 0]
             col = col * (okj / sj)[:, None]
@@ -284,7 +308,7 @@ def _forward_torch(Ha: Tensor, G: Tensor, t_max: int, order: Tensor, gain: Tenso
             r -= col * at[:, None]
             s -= col * col
             free[ar, j] = False
-            order[rr, t] = j
+            order[rr, t] = jg
             gain[rr, t] = 0.5 * at.double() ** 2
 
 
@@ -318,12 +342,16 @@ def _select(groups, W: Tensor, n_cand: int, row_scale, max_memory: int, dtype, b
     # neuron, holding all of theirs could take more memory than the layer is worth)
     grams = [_live_gram(Hd, dead, dtype) for _, Hd, dead, *_ in groups] if len(groups) == 1 else [None] * len(groups)
 
+    avg = n_cand / R
+    t_full = round(_POOL_FULL * avg) if avg > _POOL_FROM * int(n_live.min()) else None
+
     def run(todo: Tensor, length: int):
+        pool = None if t_full is None else round(_POOL_WIDTH * max(0, length - t_full)) + 8
         for (rows, Hd, dead, _, g, _), gram in zip(groups, grams):
             sel = rows[todo[rows]]
             if len(sel):
                 order[sel, :length], gain[sel, :length], ran[sel] = _forward(
-                    Hd, g[todo[rows]], dead, length, max_memory, dtype, stop[sel], gram, bar)
+                    Hd, g[todo[rows]], dead, length, max_memory, dtype, stop[sel], gram, bar, t_full, pool)
 
     def threshold(rows: Tensor, k: int) -> tuple[Tensor, float]:
         """Each row's count of the k largest scaled gains among ``rows``, and the least of those."""

@@ -225,13 +225,105 @@ def _minus_rank_terms4(c0, c1, c2, c3, U, q0, q1, q2, q3, m, n):   # pragma: no 
 
 
 @numba.njit(**_jit)
-def forward_select(Ha, G, t_max, stop, order, gain, ran, wide):   # pragma: no cover  (compiled; tested via solvers)
+def _select_steps(Ha, idx, C, n, r, s, free, floor, score, bmax, cols, qs, sidx, k, f, t0, t1, wide,
+                  row, stop, order, gain, ran, low):   # pragma: no cover  (compiled; tested via solvers)
+    """Steps t0..t1-1 of one row's forward selection over the n inputs idx[:n] (positions into Ha):
+    C [>= t1, >= n] its factor (rows < t0 filled), r, s, free, floor over the same n. Writes order
+    (as Ha positions), gain and ran; returns the least gain so far (the row stops once it falls
+    under stop[row]: then ran[row] < t1) ."""
+    tiny = k[0]
+    whole = n == Ha.shape[0]         # idx is 0..n-1: rows of Ha copied, not gathered
+    nb = -(-n // _BLOCK)
+    sc_, bm_ = score[:n], bmax[:nb]
+    for b in range(4):
+        sidx[b] = -1
+    spec_t = t0
+    for t in range(t0, t1):
+        # choose: the first maximum of r^2 / s over free inputs whose Schur complement is not
+        # vanishing; nearly dependent ones score -1 (they come last, at zero gain)
+        for i in range(n):
+            q = r[i] * r[i] / max(s[i], tiny)
+            q = q if s[i] > floor[i] else k[1]
+            sc_[i] = q if free[i] else k[2]
+        _block_maxima(sc_, bm_)
+        j, best = _first_max(sc_, bm_)
+        ok = best >= 0.0
+        sj = np.sqrt(max(s[j], tiny)) if ok else 1.0
+        # column t of the pivoted Cholesky factor: (H_:j - C^T C_:j) / sqrt(s_j)
+        hit = -1
+        for b in range(4):
+            if sidx[b] == j:
+                hit = b
+        if hit >= 0:
+            col = cols[hit, :n]
+            _minus_rank_terms(col, C[spec_t:], j, t - spec_t, n)
+            sidx[hit] = -1
+        else:
+            nspec = 3 if t * n * C.itemsize > wide else 1
+            qs[0] = j
+            nq = 1
+            while nq <= nspec:       # the next best, one at a time (only one block changes)
+                sc_[qs[nq - 1]] = k[3]
+                jb = qs[nq - 1] // _BLOCK
+                bm_[jb] = _block_max(sc_, jb * _BLOCK, min(n, (jb + 1) * _BLOCK))
+                j2, sc2 = _first_max(sc_, bm_)
+                if sc2 < 0.0:
+                    break
+                qs[nq] = j2
+                nq += 1
+            for b in range(nq):
+                cb = cols[b]
+                hq = Ha[idx[qs[b]]]
+                if whole:
+                    for i in range(n):
+                        cb[i] = hq[i]
+                else:
+                    for i in range(n):
+                        cb[i] = hq[idx[i]]
+            if nq == 1:
+                _minus_rank_terms(cols[0], C, qs[0], t, n)
+            elif nq == 2:
+                _minus_rank_terms2(cols[0], cols[1], C, qs[0], qs[1], t, n)
+            else:
+                for b in range(nq, 4):       # pad to four: the spare columns are scratch
+                    qs[b] = qs[0]
+                _minus_rank_terms4(cols[0], cols[1], cols[2], cols[3], C, qs[0], qs[1], qs[2], qs[3], t, n)
+            sidx[0] = -1
+            for b in range(1, 4):
+                sidx[b] = qs[b] if b < nq else -1
+            spec_t = t
+            col = cols[0, :n]
+        f[0] = 1.0 / sj if ok else 0.0
+        f[1] = r[j] / sj if ok else 0.0
+        scale, at = f[0], f[1]
+        Ct = C[t]
+        for i in range(n):
+            v = col[i] * scale
+            Ct[i] = v
+            r[i] -= v * at
+            s[i] -= v * v
+        free[j] = False
+        order[row, t] = idx[j]
+        gain[row, t] = 0.5 * np.float64(at) ** 2
+        low = min(low, gain[row, t])
+        if low < stop[row]:
+            ran[row] = t + 1
+            return low
+    return low
+
+
+@numba.njit(**_jit)
+def forward_select(Ha, G, t_max, stop, order, gain, ran, wide, t_full, pool):   # pragma: no cover  (compiled; tested via solvers)
     """Forward selection (orthogonal least squares) of up to ``t_max`` inputs for each row of G
     [c, n], Gram matrix Ha [n, n]: the math of ``restricted._forward``'s torch loop, step for step
     (there the factor's column is a batched product; here a row's factor C [t, n] is read once
     per pass and the per-step passes over n are fused). Writes the chosen positions to
     order[:, :t], the loss decreases 1/2 r_j^2 / s_j to gain[:, :t] and t to ran; a row stops
     early once the least of its gains so far falls under stop[row].
+
+    After ``t_full`` steps over all inputs the row goes on among the ``pool`` best-scoring free
+    inputs only (their scores then exact; a step then costs pool / n of a full one). ``t_full >=
+    t_max`` or ``pool >= n``: all steps over all inputs.
 
     The pass over C that computes the chosen input's column also computes the columns of the
     next-best inputs as of this step (speculation): when one of them is a later pick, its column
@@ -242,15 +334,22 @@ def forward_select(Ha, G, t_max, stop, order, gain, ran, wide):   # pragma: no c
     c, n = G.shape
     dt = G.dtype
     C = np.empty((t_max, n), dt)
+    B = min(pool, n)
+    CP = np.empty((t_max, B), dt) if t_full < t_max and B < n else np.empty((1, 1), dt)
     r = np.empty(n, dt)
     s = np.empty(n, dt)
+    rP = np.empty(B, dt)
+    sP = np.empty(B, dt)
     cols = np.zeros((4, n), dt)      # the pass's columns: the pick's, then the speculated ones
     qs = np.empty(4, np.int64)
     sidx = np.empty(4, np.int64)     # the input whose column cols[b] holds (-1: none)
     free = np.empty(n, np.bool_)
+    freeP = np.ones(B, np.bool_)
     score = np.empty(n, dt)
     bmax = np.empty(-(-n // _BLOCK), dt)
     floor = np.empty(n, dt)          # below this Schur complement an input counts as dependent
+    floorP = np.empty(B, dt)
+    idx = np.arange(n)
     for i in range(n):
         floor[i] = 1e-6 * Ha[i, i]
     # the step's scalars and the constants in G's precision (keeps the fused passes in float32)
@@ -263,78 +362,31 @@ def forward_select(Ha, G, t_max, stop, order, gain, ran, wide):   # pragma: no c
             r[i] = G[row, i]
             s[i] = Ha[i, i]
             free[i] = True
-        low = np.inf
         ran[row] = t_max
-        for b in range(4):
-            sidx[b] = -1
-        spec_t = 0                   # the factor rows the speculated columns have
-        for t in range(t_max):
-            # choose: the first maximum of r^2 / s over free inputs whose Schur complement is not
-            # vanishing; nearly dependent ones score -1 (they come last, at zero gain)
-            for i in range(n):
-                q = r[i] * r[i] / max(s[i], tiny)
-                q = q if s[i] > floor[i] else k[1]
-                score[i] = q if free[i] else k[2]
-            _block_maxima(score, bmax)
-            j, best = _first_max(score, bmax)
-            ok = best >= 0.0
-            sj = np.sqrt(max(s[j], tiny)) if ok else 1.0
-            # column t of the pivoted Cholesky factor: (H_:j - C^T C_:j) / sqrt(s_j)
-            hit = -1
-            for b in range(4):
-                if sidx[b] == j:
-                    hit = b
-            if hit >= 0:
-                col = cols[hit]
-                _minus_rank_terms(col, C[spec_t:], j, t - spec_t, n)
-                sidx[hit] = -1
-            else:
-                nspec = 3 if t * n * C.itemsize > wide else 1
-                qs[0] = j
-                nq = 1
-                while nq <= nspec:       # the next best, one at a time (only one block changes)
-                    score[qs[nq - 1]] = k[3]
-                    jb = qs[nq - 1] // _BLOCK
-                    bmax[jb] = _block_max(score, jb * _BLOCK, min(n, (jb + 1) * _BLOCK))
-                    j2, sc2 = _first_max(score, bmax)
-                    if sc2 < 0.0:
-                        break
-                    qs[nq] = j2
-                    nq += 1
-                for b in range(nq):
-                    cb = cols[b]
-                    hq = Ha[qs[b]]
-                    for i in range(n):
-                        cb[i] = hq[i]
-                if nq == 1:
-                    _minus_rank_terms(cols[0], C, qs[0], t, n)
-                elif nq == 2:
-                    _minus_rank_terms2(cols[0], cols[1], C, qs[0], qs[1], t, n)
-                else:
-                    for b in range(nq, 4):       # pad to four: the spare columns are scratch
-                        qs[b] = qs[0]
-                    _minus_rank_terms4(cols[0], cols[1], cols[2], cols[3], C, qs[0], qs[1], qs[2], qs[3], t, n)
-                sidx[0] = -1
-                for b in range(1, 4):
-                    sidx[b] = qs[b] if b < nq else -1
-                spec_t = t
-                col = cols[0]
-            f[0] = 1.0 / sj if ok else 0.0
-            f[1] = r[j] / sj if ok else 0.0
-            scale, at = f[0], f[1]
-            Ct = C[t]
-            for i in range(n):
-                v = col[i] * scale
-                Ct[i] = v
-                r[i] -= v * at
-                s[i] -= v * v
-            free[j] = False
-            order[row, t] = j
-            gain[row, t] = 0.5 * np.float64(at) ** 2
-            low = min(low, gain[row, t])
-            if low < stop[row]:
-                ran[row] = t + 1
-                break
+        split = t_full if B < n else t_max
+        split = min(split, t_max)
+        low = _select_steps(Ha, idx, C, n, r, s, free, floor, score, bmax, cols, qs, sidx, k, f, 0, split,
+                            wide, row, stop, order, gain, ran, np.inf)
+        if ran[row] < t_max or split >= t_max:
+            continue
+        # the pool: the B best-scoring free inputs now (ties: the lower position first)
+        for i in range(n):
+            q = r[i] * r[i] / max(s[i], tiny)
+            q = q if s[i] > floor[i] else k[1]
+            score[i] = q if free[i] else k[2]
+        P = np.argsort(-score, kind="mergesort")[:B]
+        for b in range(B):
+            pb = P[b]
+            rP[b] = r[pb]
+            sP[b] = s[pb]
+            floorP[b] = floor[pb]
+            freeP[b] = free[pb]
+        for u in range(split):
+            Cu, CPu = C[u], CP[u]
+            for b in range(B):
+                CPu[b] = Cu[P[b]]
+        _select_steps(Ha, P, CP, B, rP, sP, freeP, floorP, score, bmax, cols, qs, sidx, k, f, split, t_max,
+                      wide, row, stop, order, gain, ran, low)
 
 
 @numba.njit(**_jit)
