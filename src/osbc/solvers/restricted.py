@@ -14,7 +14,8 @@ greedy (as ``obs.obs_path``) on it costs O(m^3) per row for |C| = m, not O(d^3).
 
 1. C per row, ``widen`` times the layer's kept count in all: forward selection (orthogonal least
    squares, ``_forward``: grow S by the input with the largest loss decrease r_j^2 / s_j, O(d |S|)
-   per step), its gains made non-increasing per row and the layer's largest taken, so C's size
+   per step; at low sparsity the later steps only among a pool of the inputs that score best
+   after the first ones, ``_POOL_*``), its gains made non-increasing per row and the layer's largest taken, so C's size
    follows each row's need (``_select``: a sample of rows estimates the layer's gain threshold,
    the other rows stop a margin under it; rows that take all their computed steps go again). Or
    (``candidates="sparsegpt"``) the kept mask of a SparseGPT sweep at ``widen`` times the kept
@@ -312,6 +313,17 @@ def _forward_torch(Ha: Tensor, G: Tensor, t_max: int, order: Tensor, gain: Tenso
             gain[rr, t] = 0.5 * at.double() ** 2
 
 
+def _pool_plan(avg: float, n_live: int, length: int) -> tuple[int | None, int | None]:
+    """(t_full, pool) for ``_forward``: a selection of up to ``length`` steps, ``avg`` candidates
+    per row on average among ``n_live`` inputs, goes on among a pool after t_full steps where the
+    candidates exceed _POOL_FROM of the inputs and the pool is narrower than them; else (None, None)."""
+    if avg <= _POOL_FROM * n_live:
+        return None, None
+    t_full = round(_POOL_FULL * avg)
+    pool = round(_POOL_WIDTH * max(0, length - t_full)) + 8
+    return (t_full, pool) if pool < n_live else (None, None)
+
+
 def _select(groups, W: Tensor, n_cand: int, row_scale, max_memory: int, dtype, bar=None) -> Tensor:
     """[R, d] candidate mask: the layer's n_cand largest forward-selection gains (times
     row_scale), a prefix of every row's selection.
@@ -342,11 +354,8 @@ def _select(groups, W: Tensor, n_cand: int, row_scale, max_memory: int, dtype, b
     # neuron, holding all of theirs could take more memory than the layer is worth)
     grams = [_live_gram(Hd, dead, dtype) for _, Hd, dead, *_ in groups] if len(groups) == 1 else [None] * len(groups)
 
-    avg = n_cand / R
-    t_full = round(_POOL_FULL * avg) if avg > _POOL_FROM * int(n_live.min()) else None
-
     def run(todo: Tensor, length: int):
-        pool = None if t_full is None else round(_POOL_WIDTH * max(0, length - t_full)) + 8
+        t_full, pool = _pool_plan(n_cand / R, int(n_live.min()), length)
         for (rows, Hd, dead, _, g, _), gram in zip(groups, grams):
             sel = rows[todo[rows]]
             if len(sel):
