@@ -255,7 +255,7 @@ def test_compiled_forward_selection_equals_torch_steps(dtype, monkeypatch):
     R, d, steps = 24, 300, 70
     H = spike_H(d, 8, dead=0.2)
     W = weights(R, d, 8, torch.float64)
-    Hd, dead, _ = support._damped(H, 0.01, "cpu")
+    Hd, dead, _, _ = support._damped(H, 0.01, "cpu")
     g = W @ Hd
     o_jit, g_jit, _ = support._forward(Hd, g, dead, steps, 2 ** 26, dtype)
     assert engine_greedy._JIT_MOD not in (None, False)
@@ -311,7 +311,7 @@ def test_rows_that_need_more_steps_are_extended(monkeypatch, always_restricted):
     monkeypatch.setattr(support, "_restricted_paths", recorded_paths)
     prune_restricted(W, H, sp)
     assert len(calls) >= 3 and max(calls) > calls[0]
-    Hd, dead, _ = support._damped(H, 0.01, "cpu")
+    Hd, dead, _, _ = support._damped(H, 0.01, "cpu")
     g = W @ Hd
     order, gain, _ = forward(Hd, g, dead, d, 2 ** 26, torch.float64)
     n_cand = round(support.DEFAULT_WIDEN * (R * d - round(sp * R * d)))
@@ -347,7 +347,7 @@ def test_early_stopped_selection_equals_full_runs(monkeypatch, scaled):
     monkeypatch.setattr(support, "_restricted_paths", recorded_paths)
     prune_restricted(W, H, sp, row_scale=scale)
     assert any(early)
-    Hd, dead, _ = support._damped(H, 0.01, "cpu")
+    Hd, dead, _, _ = support._damped(H, 0.01, "cpu")
     order, gain, _ = forward(Hd, W @ Hd, dead, d, 2 ** 26, torch.float64)
     n_cand = round(support.DEFAULT_WIDEN * (R * d - round(sp * R * d)))
     ref = support._prefix(order, budget_counts(PrunePath(order, -gain), n_cand, scale), d)
@@ -438,7 +438,7 @@ def test_float32_factor_with_refinement_gives_the_float64_solution():
     R, d = 16, 240
     H = spike_H(d, 31, dead=0.1)
     W = weights(R, d, 31, torch.float64)
-    Hd, dead, _ = support._damped(H, 0.001, "cpu")          # weak damping: cond(H_CC) ~ 1e4
+    Hd, dead, _, _ = support._damped(H, 0.001, "cpu")          # weak damping: cond(H_CC) ~ 1e4
     g = W @ Hd
     mask = torch.rand(R, d, generator=torch.Generator().manual_seed(3)) < 0.4
     mask &= ~dead
@@ -457,7 +457,7 @@ def test_wide_speculation_takes_the_same_steps(dtype):
     jit = pytest.importorskip("osbc.solvers.engine.jit")
     R, d, steps = 6, 260, 90
     H = spike_H(d, 12, dead=0.0)
-    Hd, _, _ = support._damped(H, 0.01, "cpu")
+    Hd, _, _, _ = support._damped(H, 0.01, "cpu")
     G = (weights(R, d, 12, torch.float64) @ Hd).numpy().astype(dtype)
     Ha = Hd.numpy().astype(dtype)
     out = []
@@ -527,7 +527,7 @@ def test_pool_phase_picks_among_the_best_scorers_and_compiled_equals_torch(dtype
     R, d, steps, t_full, pool = 12, 260, 60, 25, 40
     H = spike_H(d, 9, dead=0.2)
     W = weights(R, d, 9, torch.float64)
-    Hd, dead, _ = support._damped(H, 0.01, "cpu")
+    Hd, dead, _, _ = support._damped(H, 0.01, "cpu")
     g = W @ Hd
     o_jit, g_jit, _ = support._forward(Hd, g, dead, steps, 2 ** 26, dtype, t_full=t_full, pool=pool)
     monkeypatch.setattr(engine_greedy, "_JIT_MOD", False)
@@ -569,3 +569,55 @@ def test_pool_only_at_low_sparsity(monkeypatch, always_restricted):
     seen.clear()
     prune_restricted(W, H, 0.85)
     assert seen and all(tf is not None and pool < d for tf, pool in seen)
+
+
+@pytest.mark.parametrize("a,b", [(2.0 ** -100, 1.0), (2.0 ** 100, 1.0), (1.0, 2.0 ** -80), (1.0, 2.0 ** 100),
+                                 (2.0 ** -60, 2.0 ** -60), (2.0 ** 40, 2.0 ** 40)])
+def test_any_scale_of_weights_and_hessian(a, b):
+    """W a and H b (powers of two, so the answer is exactly the scaled one): the same mask, W_new
+    a, row losses a^2 b, bit for bit. With groups, one group's H b is the same problem as that
+    group's rows weighted by b (the budget compares true losses). The forward selection's float32
+    scores r^2 / s would overflow or underflow past about 1e19 / 1e-19 (1e12 weights on a 1e12
+    Hessian used to pick garbage; 1e30 weights missed the budget); the solver runs on rows and H
+    rescaled by powers of two."""
+    R, d = 40, 300
+    H, H2 = random_H(d, 15).float(), random_H(d, 16).float() * 3
+    W = weights(R, d, 15)
+    rs = torch.rand(R, generator=torch.Generator().manual_seed(16)) + 0.5
+    rows = [torch.arange(0, R, 2), torch.arange(1, R, 2)]
+    for sp in (0.9, 0.97):
+        W0, keep0, loss0 = prune_restricted(W, H, sp)
+        W1, keep1, loss1 = prune_restricted(W * a, H * b, sp)
+        assert torch.equal(keep1, keep0) and torch.equal(W1, W0 * a)
+        torch.testing.assert_close(loss1, loss0 * (a * a * b), rtol=1e-12, atol=0)
+        weighted = rs.double().clone()
+        weighted[rows[0]] *= b
+        G0 = prune_restricted(W, [(rows[0], H), (rows[1], H2)], sp, row_scale=weighted)
+        G1 = prune_restricted(W * a, [(rows[0], H * b), (rows[1], H2)], sp, row_scale=rs)
+        assert torch.equal(G1[1], G0[1]) and torch.equal(G1[0], G0[0] * a)
+        torch.testing.assert_close(G1[2], G0[2] * (a * a), rtol=1e-12, atol=0)
+
+
+def test_hessians_the_exact_greedy_repairs():
+    """An indefinite H (no Cholesky factor for its candidate blocks, even damped) and one with an
+    infinite entry: restricted hands the layer to the exact greedy, whose damping repairs such a
+    matrix (it raised a LinAlgError, or missed the budget with non-finite weights); a NaN weight
+    is a one-line OsbcError."""
+    R, d = 16, 300
+    g = torch.Generator().manual_seed(17)
+    A = torch.randn(d, d, generator=g)
+    indefinite = (A + A.T) / 2
+    inf = random_H(d, 17).float()
+    inf[3, 7] = inf[7, 3] = float("inf")
+    inf_diagonal = random_H(d, 17).float()
+    inf_diagonal[5, 5] = float("inf")
+    W = weights(R, d, 17)
+    for H in (indefinite, inf, inf_diagonal):
+        for sp in (0.9, 0.97):
+            W1, keep1, _ = prune_restricted(W, H, sp)
+            W2, keep2, _ = S.prune_exact(W, H, sp)
+            assert torch.equal(keep1, keep2) and torch.equal(W1, W2)
+            assert int((~keep1).sum()) == round(sp * R * d)
+    W[2, 5] = float("nan")
+    with pytest.raises(OsbcError, match="^prune_restricted: W holds NaN or Inf"):
+        prune_restricted(W, random_H(d, 17), 0.9)

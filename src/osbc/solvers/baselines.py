@@ -5,7 +5,7 @@ import torch
 from torch import Tensor
 
 from ..quant import Grid
-from .pattern import _budget, _nm_groups
+from .pattern import _budget, _nm_groups, check_weights
 
 __all__ = ["prune_magnitude", "quantize_rtn"]
 
@@ -24,6 +24,7 @@ def prune_magnitude(W: Tensor, sparsity, *, nm=None):
     """The layer's round(sparsity * R * d) smallest |w|, no compensation. ``nm=(n, m)``: only each
     row's m - n smallest of every group of m are candidates (``sparsity=None``: all of them).
     Returns (W_new, keep_mask)."""
+    check_weights(W, "prune_magnitude")
     R, d = W.shape
     k = _budget(sparsity, R, d, nm)
     score = W.detach().abs().to(torch.float64)
@@ -42,6 +43,7 @@ def prune_magnitude(W: Tensor, sparsity, *, nm=None):
 
 def quantize_rtn(W: Tensor, grid: Grid, *, keep_mask: Tensor | None = None) -> Tensor:
     """Round to nearest; pruned weights (keep_mask False) stay 0."""
+    check_weights(W, "quantize_rtn")
     q = grid.quantize(W.detach())
     return q if keep_mask is None else q * keep_mask.to(q.device)
 

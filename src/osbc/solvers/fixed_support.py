@@ -8,6 +8,7 @@ from .damping import _chol_inverse, _damped
 from .engine.workers import _rows_per_chunk
 from .groups import groups, per_group, take
 from .options import DEFAULT_MAX_MEMORY
+from .pattern import check_weights
 
 __all__ = ["solve_on_support"]
 
@@ -58,6 +59,7 @@ def solve_on_support(W: Tensor, H, keep_mask: Tensor, damp: float = 0.01,
 
 
 def _solve_one(W: Tensor, H: Tensor, keep_mask: Tensor, damp: float, max_memory: int) -> Tensor:
+    check_weights(W, "solve_on_support")
     R, d = W.shape
     dev = W.device
     keep = keep_mask.to(device=dev, dtype=torch.bool)

@@ -16,7 +16,7 @@ from .engine.workers import _chunks, _map, _pooled, _progress, _rows_per_chunk, 
 from .fixed_support import _padded, _sym_gather
 from .groups import groups, per_group, take
 from .options import DEFAULT_MAX_MEMORY, DEFAULT_OPTIONS, EngineOptions, EngineStats
-from .pattern import pow2_row_scale
+from .pattern import check_weights, pow2_row_scale
 from .sweep import quantize_gptq
 
 __all__ = ["quantize_obq", "quantize_exact"]
@@ -28,6 +28,8 @@ def quantize_exact(W: Tensor, H, grid: Grid, *, keep_mask: Tensor | None = None,
     """Each row from OBQ or GPTQ, whichever has the lower error dw^T H dw. OBQ's greedy order is not
     always better than GPTQ's fixed one (seen on layers with many silent inputs), and GPTQ is cheap
     next to OBQ. ``H``: [d, d] or ``(rows, H)`` groups, each sharing one H."""
+    check_weights(W, "quantize_exact")
+
     def best(Wg, Hg, rows):
         Hg, sub, k = Hg.to(W.device), grid.select(rows), take(keep_mask, rows)
         q = quantize_gptq(Wg, Hg, sub, keep_mask=k, damp=damp)
@@ -57,6 +59,7 @@ def quantize_obq(W: Tensor, H, grid: Grid, *, keep_mask: Tensor | None = None, d
 
 
 def _obq(W: Tensor, H: Tensor, grid: Grid, keep_mask, damp, progress, max_memory, opts, stats) -> Tensor:
+    check_weights(W, "quantize_obq")
     R, d = W.shape
     dev, cdt = W.device, _cdtype(W)
     keep = None if keep_mask is None else keep_mask.to(device=dev, dtype=torch.bool)

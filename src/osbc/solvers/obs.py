@@ -23,7 +23,7 @@ from .engine.workers import _chunks, _map, _pooled, _progress, _rows_per_chunk, 
 from .fixed_support import solve_on_support
 from .groups import groups, per_group, restrict, take
 from .options import DEFAULT_MAX_MEMORY, DEFAULT_OPTIONS, EngineOptions, EngineStats
-from .pattern import _budget, _nm_groups, pow2_row_scale
+from .pattern import _budget, _nm_groups, check_weights, pow2_row_scale
 
 __all__ = ["PrunePath", "obs_path", "path_from_inverse", "budget_counts", "prune_exact"]
 
@@ -65,8 +65,7 @@ def _obs_path(W: Tensor, H: Tensor, max_steps, block, nm, damp, progress, max_me
     """obs_path for one H ([d, d] or [R, d, d])."""
     W = W.detach()
     R, d = W.shape
-    if not bool(torch.isfinite(W).all()):
-        raise OsbcError("obs_path: W holds NaN or Inf; only finite weights can be pruned")
+    check_weights(W, "obs_path")
     f = pow2_row_scale(W)
     dev, cdt = W.device, _cdtype(W)
     shared = H.dim() == 2
@@ -250,6 +249,7 @@ def prune_exact(W: Tensor, H, sparsity, *, block: int = 1, nm=None, row_scale: T
     ``path`` and ``counts`` (each row's removals along it, e.g. from a network-wide allocation)
     replace the path and the budget. Returns (W_new, keep_mask, row_losses = row_scale * 1/2 dw^T
     H dw per row)."""
+    check_weights(W, "prune_exact")
     R, d = W.shape
     gs = groups(H)
     kw = dict(block=block, nm=nm, damp=damp, progress=progress, max_memory=max_memory, options=options, stats=stats)

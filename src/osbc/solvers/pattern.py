@@ -1,5 +1,6 @@
-"""How many weights a layer gives up (a sparsity's count, an N:M pattern's groups), and the
-power-of-two rescaling that keeps huge weights' scores finite."""
+"""How many weights a layer gives up (a sparsity's count, an N:M pattern's groups), and what the
+solvers need of the weights' values: finite ones, and the power-of-two rescaling that keeps the
+scores of huge and tiny weights in float32's range."""
 from __future__ import annotations
 
 import torch
@@ -10,8 +11,11 @@ from ..errors import OsbcError
 # The scores w^2 / [H^-1]_qq are float32 and [H^-1]_qq can be as small as 1e-12 (normalised), so
 # |w| beyond ~1e13 could overflow them to +inf, where they tie with the removed positions' +inf
 # and the greedy re-picks removed weights (a layer of 1e20 weights ended at 0.7% sparsity, not
-# 92.8%). Rows above this bound are rescaled to max |w| < 1 for the solve.
+# 92.8%); |w| under ~1e-19 underflows them to 0, where every weight ties (1e-30 weights: 1.8x
+# the membrane error of the same layer at scale 1). Rows outside [_SMALL, _BIG] are rescaled to
+# max |w| in [0.5, 1) for the solve.
 _BIG = 2.0 ** 32
+_SMALL = 2.0 ** -32
 
 
 def _nm_groups(d: int, nm, device):
@@ -43,15 +47,22 @@ def _budget(sparsity, R: int, d: int, nm) -> int:
     return k
 
 
+def check_weights(W: Tensor, who: str) -> None:
+    """OsbcError unless every weight is finite (a NaN or Inf weight has no pruning loss or grid
+    point, and would spread through every compensation of its row)."""
+    if not bool(torch.isfinite(W).all()):
+        raise OsbcError(f"{who}: W holds NaN or Inf; only finite weights can be compressed")
+
+
 def pow2_row_scale(W: Tensor, per_layer: bool = False) -> Tensor | None:
     """Per row (or one for the layer) 2^e, float64, with max |w| / 2^e in [0.5, 1) where max |w|
-    exceeds 2^32, else 1; None when no row needs it. The pruning choices and compensations are
-    the same for w and w / 2^e (losses scale by 4^-e), and dividing by a power of two is exact,
-    so the result is that of the unscaled problem in exact arithmetic."""
+    exceeds 2^32 or is under 2^-32 (and not 0), else 1; None when no row needs it. The pruning
+    choices and compensations are the same for w and w / 2^e (losses scale by 4^-e), and dividing
+    by a power of two is exact, so the result is that of the unscaled problem in exact arithmetic."""
     amax = W.detach().abs().amax(1).double() if W.numel() else W.new_zeros(W.shape[0], dtype=torch.float64)
     if per_layer:
         amax = amax.amax().expand(W.shape[0]) if W.numel() else amax
-    big = amax > _BIG
-    if not bool(big.any()):
+    out = (amax > _BIG) | ((amax < _SMALL) & (amax > 0))
+    if not bool(out.any()):
         return None
-    return torch.where(big, torch.exp2(torch.frexp(amax).exponent.double()), torch.ones_like(amax))
+    return torch.where(out, torch.exp2(torch.frexp(amax).exponent.double()), torch.ones_like(amax))

@@ -27,6 +27,7 @@ from .engine.workers import _rows_per_chunk
 from .groups import groups, per_group, take
 from .obq import _row_error, quantize_obq
 from .options import DEFAULT_MAX_MEMORY, EngineOptions, EngineStats
+from .pattern import check_weights, pow2_row_scale
 from .sweep import quantize_gptq
 
 __all__ = ["quantize_refined", "refine_on_grid", "STARTS"]
@@ -47,6 +48,7 @@ def quantize_refined(W: Tensor, H, grid: Grid, *, start: str = "gptq", keep_mask
     ``progress``, ``options``, ``stats``: OBQ's (start "exact")."""
     if start not in STARTS:
         raise OsbcError(f"start must be one of {', '.join(map(repr, STARTS))}, got {start!r}")
+    check_weights(W, "quantize_refined")
 
     def solve(Wg, Hg, rows):
         Hg, sub, k = Hg.to(W.device), grid.select(rows), take(keep_mask, rows)
@@ -87,6 +89,7 @@ def _refine(W: Tensor, Hd: Tensor, grid: Grid, Q: Tensor, keep_mask, passes: int
             max_memory: int) -> Tensor:
     if isinstance(passes, bool) or not isinstance(passes, int) or passes < 0:
         raise OsbcError(f"passes must be an integer >= 0, got {passes!r}")
+    check_weights(W, "refine_on_grid")
     R, d = W.shape
     dev, cdt = W.device, _cdtype(W)
     keep = None if keep_mask is None else keep_mask.to(device=dev, dtype=torch.bool)
@@ -94,14 +97,22 @@ def _refine(W: Tensor, Hd: Tensor, grid: Grid, Q: Tensor, keep_mask, passes: int
     if keep is not None:
         out.masked_fill_(~keep, 0.0)
     w = W.detach().to(cdt)
+    s = grid.scale.to(device=dev, dtype=cdt)
+    # rows of huge or tiny weights descend at a power-of-two scale (exact): a move's loss change
+    # ~ w^2 h underflows float32 under |w| ~ 1e-19 (1e-30 weights: no move at all)
+    f = pow2_row_scale(W)
+    if f is not None:
+        fc = f.to(device=dev, dtype=cdt)
+        w, out, s = w / fc[:, None], out / fc[:, None], s / fc
     es = torch.finfo(cdt).bits // 8
     # per row: Q, its start, G and the residual (d each), the block's moves, column temporaries
     rows = _rows_per_chunk(es * (4 * d + 2 * blocksize + 16), R, max_memory)
-    s = grid.scale.to(device=dev, dtype=cdt)
     for r0 in range(0, R, rows):
         sl = slice(r0, min(r0 + rows, R))
         out[sl] = _descend(w[sl], Hd, out[sl], s[sl], grid.qmin, grid.qmax,
                            None if keep is None else keep[sl], passes, blocksize)
+    if f is not None:
+        out = out * fc[:, None]
     return _finish_q(out, grid, keep, W.dtype)
 
 

@@ -36,6 +36,12 @@ inputs anyway (low sparsity) or with an N:M pattern (whose groups keep at least 
 inputs), the exact greedy is about as cheap and is used as is. ``H`` is one shared [d, d] Hessian
 or a list of ``(rows, H)`` groups (rows with different neuron kernels have different Hessians);
 the budget is shared by all groups' rows.
+
+Rows of huge or tiny weights (``pattern.pow2_row_scale``) and each group's H (to a mean live
+diagonal in [1/4, 4)) are solved at power-of-two scales, which keep the float32 scores in range
+and change nothing else; the budget compares the true losses. An H with an infinite entry, or one
+no damping makes positive definite on some candidate block, goes to the exact greedy, whose
+damping repairs it.
 """
 from __future__ import annotations
 
@@ -48,7 +54,7 @@ from .engine.workers import _chunks as _worker_chunks, _map, _workers
 from .damping import _chol_inverse, _symmetrize_
 from .obs import PrunePath, budget_counts, path_from_inverse, prune_exact
 from .options import DEFAULT_OPTIONS
-from .pattern import _budget
+from .pattern import _budget, check_weights, pow2_row_scale
 from .sweep import prune_sparsegpt
 
 __all__ = ["prune_restricted", "DEFAULT_WIDEN"]
@@ -96,17 +102,26 @@ def _groups(H, R: int, d: int) -> list[tuple[Tensor, Tensor]]:
     return groups
 
 
-def _damped(H: Tensor, damp: float, device) -> tuple[Tensor, Tensor, float]:
-    """Float64 H + lambda I (lambda = damp * mean live diagonal) with dead inputs decoupled (unit
-    diagonal), the dead mask and lambda: the matrix the other solvers' losses are measured in."""
+def _damped(H: Tensor, damp: float, device) -> tuple[Tensor, Tensor, float, float]:
+    """Float64 c H + lambda I (lambda = damp * mean live diagonal of c H) with dead inputs
+    decoupled (unit diagonal), the dead mask, lambda and c: the matrix the other solvers' losses
+    are measured in, at a power-of-four scale c that brings its mean live diagonal into [1/4, 4).
+    The forward selection's float32 scores r^2 / s overflow from about |g| ~ 1e19 and underflow
+    under 1e-19; on c H every loss is c times H's, and a power of four keeps every product and
+    the Cholesky factors' square roots exact: the result is that of the unscaled problem."""
     H = H.detach().to(device=device, dtype=torch.float64, copy=True)
     _symmetrize_(torch.nan_to_num_(H))                   # in place: H can be large
     dead = H.diagonal() <= 0
     H.masked_fill_(dead[:, None], 0.0).masked_fill_(dead[None, :], 0.0)
     live = H.diagonal()[~dead]
-    lam = damp * (float(live.mean()) if live.numel() else 1.0)
+    mean = float(live.mean()) if live.numel() else 1.0
+    c = 1.0
+    if 0 < mean < float("inf"):
+        c = 2.0 ** (-2 * (int(torch.frexp(torch.tensor(mean, dtype=torch.float64)).exponent) // 2))
+        H.mul_(c)
+    lam = damp * mean * c
     H.diagonal().add_(lam).masked_fill_(dead, 1.0 + lam)
-    return H, dead, lam
+    return H, dead, lam, c
 
 
 def _positions(mask: Tensor) -> tuple[Tensor, Tensor]:
@@ -142,6 +157,12 @@ def _on_workers(fn, chunks: list, device) -> None:
     _map(fn, chunks, _workers(device, DEFAULT_OPTIONS))
 
 
+class _NotPositiveDefinite(Exception):
+    """A candidate block of H that float64 cannot factor: H is not positive definite after the
+    damping (a user-supplied indefinite matrix). ``prune_restricted`` then runs the exact greedy,
+    whose damping repairs such an H."""
+
+
 def _subproblem(Hd: Tensor, g: Tensor, mask: Tensor, dtype=torch.float64):
     """Per row, the pair (v, H_CC) on C = mask: positions [c, m], validity, v = H_CC^-1 g_C [c, m]
     (the best row supported on C, float64) and the Cholesky factor of H_CC [c, m, m] with identity
@@ -162,7 +183,9 @@ def _subproblem(Hd: Tensor, g: Tensor, mask: Tensor, dtype=torch.float64):
     if dtype != torch.float64 and bool((info != 0).any()):
         # a block too ill-conditioned for a float32 factor (nearly equal inputs, little damping)
         dtype = torch.float64
-        L = torch.linalg.cholesky(Hc)
+        L, info = torch.linalg.cholesky_ex(Hc)
+    if bool((info != 0).any()):
+        raise _NotPositiveDefinite
     v = torch.cholesky_solve(b[..., None].to(dtype), L)[..., 0].double() * valid
     for _ in range(2 if dtype != torch.float64 else 0):
         res = b - (Hc @ v[..., None])[..., 0]
@@ -453,6 +476,7 @@ def prune_restricted(W: Tensor, H, sparsity, *, widen: float = DEFAULT_WIDEN, ca
     keep_mask, row_losses = row_scale * 1/2 dw^T H dw per row, H symmetrised), as prune_exact."""
     W = W.detach()
     R, d = W.shape
+    check_weights(W, "prune_restricted")
     if widen < 1:
         raise OsbcError(f"widen must be >= 1 (the candidate set holds the kept support), got {widen!r}")
     if candidates not in ("forward", "sparsegpt"):
@@ -466,60 +490,90 @@ def prune_restricted(W: Tensor, H, sparsity, *, widen: float = DEFAULT_WIDEN, ca
         return _exact(W, H, sparsity, nm, row_scale, damp, progress, max_memory)
     if k == 0:
         return W.clone(), torch.ones_like(W, dtype=torch.bool), torch.zeros(R, dtype=torch.float64, device=W.device)
+    parts = _groups(H, R, d)
+    if any(bool(torch.isinf(Hg).any()) for _, Hg in parts):
+        return _exact(W, H, sparsity, None, row_scale, damp, progress, max_memory)   # as exact treats it
     kept = R * d - k
     dens = widen * kept / (R * d)
+    # rows of huge or tiny weights are solved at a power-of-two scale f, each group's H at 4^-e
+    # (both exact); the budget compares the true losses: each row's times f^2 / c
+    f = pow2_row_scale(W)
+    Ws = W if f is None else (W.double() / f[:, None]).to(W.dtype)
+    scale = None if row_scale is None else row_scale.to(device=W.device, dtype=torch.float64).reshape(-1)
+    if f is not None:
+        scale = (torch.ones(R, dtype=torch.float64, device=W.device) if scale is None else scale) * f.to(W.device) ** 2
     groups, live = [], 0
-    for rows, Hg in _groups(H, R, d):
+    for rows, Hg in parts:
         rows = rows.to(W.device)
-        Hd, dead, lam = _damped(Hg, damp, W.device)
+        Hd, dead, lam, c = _damped(Hg, damp, W.device)
         n_live = int((~dead).sum())
         if dens * d >= _EXACT_SHARE * n_live or n_live == 0:
             return _exact(W, H, sparsity, None, row_scale, damp, progress, max_memory)
+        if c != 1.0:
+            scale = torch.ones(R, dtype=torch.float64, device=W.device) if scale is None else scale.clone()
+            scale[rows] /= c
         live += len(rows) * n_live
-        groups.append((rows, Hd, dead, lam, W[rows].to(torch.float64) @ Hd, Hg))
+        groups.append((rows, Hd, dead, lam, Ws[rows].to(torch.float64) @ Hd, Hg))
     if kept > live:                      # some dead inputs must be kept: only at low sparsity
         return _exact(W, H, sparsity, None, row_scale, damp, progress, max_memory)
-    cand = torch.zeros(R, d, dtype=torch.bool, device=W.device)
-    if candidates == "sparsegpt":
-        for rows, _, dead, _, _, Hg in groups:
-            cand[rows] = prune_sparsegpt(W[rows], Hg.to(W.device), max(0.0, 1.0 - dens), damp=damp)[1] & ~dead
-    else:
-        n_cand = min(round(widen * kept), live)
-        cdt = torch.float64 if W.dtype == torch.float64 else torch.float32
-        sel_bar = None
-        if progress:
-            from tqdm.auto import tqdm
-            sel_bar = tqdm(total=R, desc="forward selection", unit="row", leave=False)
-        cand = _select(groups, W, n_cand, row_scale, max_memory, cdt, sel_bar)
-        if sel_bar is not None:
-            sel_bar.close()
-    if kept > int(cand.sum()):
-        raise RuntimeError(f"candidate set of {int(cand.sum())} inputs under the {kept} to keep")
-    bar = None
-    if progress:
+    try:
+        W_new, keep, losses = _restricted(Ws, groups, kept, widen, candidates, scale, damp, progress, max_memory)
+    except _NotPositiveDefinite:
+        return _exact(W, H, sparsity, None, row_scale, damp, progress, max_memory)
+    if f is not None:
+        W_new = (W_new.double() * f[:, None]).to(W.dtype)
+    return W_new, keep, losses
+
+
+def _restricted(W: Tensor, groups, kept: int, widen: float, candidates: str, row_scale, damp: float,
+                progress: bool, max_memory: int):
+    """``prune_restricted``'s steps 1-3 on prepared groups (rows, damped H, dead, lambda, g, H);
+    ``row_scale``: each row's loss weight in the budget, in the scaled problem's units."""
+    R, d = W.shape
+    dens = widen * kept / (R * d)
+    bars = []
+
+    def new_bar(desc):
+        if not progress:
+            return None
         from tqdm.auto import tqdm
-        bar = tqdm(total=R, desc="restricted OBS", unit="row", leave=False)
-    rest = int(cand.sum()) - kept        # everything outside C goes; the rest comes off the paths
-    size = cand.sum(1)
-    order = torch.zeros(R, max(int(size.max()), 1) if rest else 1, dtype=torch.int64, device=W.device)
-    loss = torch.full(order.shape, float("inf"), dtype=torch.float64, device=W.device)
-    # each row's path only as far as the budget can reach: _PATH_REACH times the layer's average
-    # share of C to start; a row that takes every computed step is computed again 2x longer
-    need = (size * (_PATH_REACH * rest / max(int(size.sum()), 1))).ceil().long() + 8
-    todo = torch.ones(R, dtype=torch.bool, device=W.device) if rest else torch.zeros(R, dtype=torch.bool)
-    done = torch.zeros(R, dtype=torch.int64, device=W.device)
-    while bool(todo.any()):
-        for rows, Hd, _, _, g, _ in groups:
-            sel = rows[todo[rows]]
-            if len(sel):
-                o, lo, dn = _restricted_paths(W[sel], Hd, g[todo[rows]], cand[sel], need[sel], max_memory, bar)
-                order[sel, :o.shape[1]], loss[sel, :o.shape[1]], done[sel] = o, lo, dn
-        counts = budget_counts(PrunePath(order, loss), rest, row_scale)
-        todo = (counts >= done) & (done < size)
-        need = torch.where(todo, 2 * need, need)
-        if bar is not None:
-            bar.total += int(todo.sum())
-            bar.refresh()
-    if bar is not None:
-        bar.close()
-    return _finish(W, groups, order, loss, cand, rest, row_scale, max_memory)
+        bars.append(tqdm(total=R, desc=desc, unit="row", leave=False))
+        return bars[-1]
+    try:
+        cand = torch.zeros(R, d, dtype=torch.bool, device=W.device)
+        if candidates == "sparsegpt":
+            for rows, _, dead, _, _, Hg in groups:
+                cand[rows] = prune_sparsegpt(W[rows], Hg.to(W.device), max(0.0, 1.0 - dens), damp=damp)[1] & ~dead
+        else:
+            live = sum(len(rows) * int((~dead).sum()) for rows, _, dead, *_ in groups)
+            n_cand = min(round(widen * kept), live)
+            cdt = torch.float64 if W.dtype == torch.float64 else torch.float32
+            cand = _select(groups, W, n_cand, row_scale, max_memory, cdt, new_bar("forward selection"))
+        if kept > int(cand.sum()):
+            raise RuntimeError(f"candidate set of {int(cand.sum())} inputs under the {kept} to keep")
+        bar = new_bar("restricted OBS")
+        rest = int(cand.sum()) - kept        # everything outside C goes; the rest comes off the paths
+        size = cand.sum(1)
+        order = torch.zeros(R, max(int(size.max()), 1) if rest else 1, dtype=torch.int64, device=W.device)
+        loss = torch.full(order.shape, float("inf"), dtype=torch.float64, device=W.device)
+        # each row's path only as far as the budget can reach: _PATH_REACH times the layer's average
+        # share of C to start; a row that takes every computed step is computed again 2x longer
+        need = (size * (_PATH_REACH * rest / max(int(size.sum()), 1))).ceil().long() + 8
+        todo = torch.ones(R, dtype=torch.bool, device=W.device) if rest else torch.zeros(R, dtype=torch.bool)
+        done = torch.zeros(R, dtype=torch.int64, device=W.device)
+        while bool(todo.any()):
+            for rows, Hd, _, _, g, _ in groups:
+                sel = rows[todo[rows]]
+                if len(sel):
+                    o, lo, dn = _restricted_paths(W[sel], Hd, g[todo[rows]], cand[sel], need[sel], max_memory, bar)
+                    order[sel, :o.shape[1]], loss[sel, :o.shape[1]], done[sel] = o, lo, dn
+            counts = budget_counts(PrunePath(order, loss), rest, row_scale)
+            todo = (counts >= done) & (done < size)
+            need = torch.where(todo, 2 * need, need)
+            if bar is not None:
+                bar.total += int(todo.sum())
+                bar.refresh()
+        return _finish(W, groups, order, loss, cand, rest, row_scale, max_memory)
+    finally:
+        for b in bars:
+            b.close()

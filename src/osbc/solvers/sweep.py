@@ -17,7 +17,7 @@ from ..quant import Grid
 from .baselines import _finish_q, _smallest_mask
 from .damping import _block, _cdtype, _damped
 from .groups import groups, per_group, take
-from .pattern import _budget, _nm_groups, pow2_row_scale
+from .pattern import _budget, _nm_groups, check_weights, pow2_row_scale
 
 __all__ = ["prune_sparsegpt", "quantize_gptq"]
 
@@ -80,6 +80,7 @@ def prune_sparsegpt(W: Tensor, H, sparsity, *, nm=None, blocksize: int = 128, da
 def _sparsegpt(W: Tensor, H: Tensor, sparsity, nm, blocksize: int, damp: float):
     if H.dim() != 2:
         raise OsbcError("prune_sparsegpt needs a shared H [d, d]; group rows that share a Hessian")
+    check_weights(W, "prune_sparsegpt")
     R, d = W.shape
     dev, cdt = W.device, _cdtype(W)
     k = _budget(sparsity, R, d, nm)
@@ -160,6 +161,7 @@ def quantize_gptq(W: Tensor, H, grid: Grid, *, keep_mask: Tensor | None = None, 
 def _gptq(W: Tensor, H: Tensor, grid: Grid, keep_mask, blocksize: int, act_order: bool, damp: float) -> Tensor:
     if H.dim() != 2:
         raise OsbcError("quantize_gptq needs a shared H [d, d]; group rows that share a Hessian")
+    check_weights(W, "quantize_gptq")
     R, d = W.shape
     dev, cdt = W.device, _cdtype(W)
     keep = None if keep_mask is None else keep_mask.to(device=dev, dtype=torch.bool)
