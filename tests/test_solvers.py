@@ -680,22 +680,49 @@ def test_huge_and_tiny_weights_prune_and_quantize_like_normal_ones(scale):
         S.obs_path(torch.full((2, 4), float("inf")), torch.eye(4))
 
 
-@pytest.mark.parametrize("name", ["obs_path", "prune_exact", "prune_restricted", "prune_sparsegpt", "prune_magnitude",
-                                  "solve_on_support", "quantize_gptq", "quantize_obq", "quantize_exact",
-                                  "quantize_refined", "refine_on_grid", "quantize_rtn"])
-def test_every_solver_refuses_non_finite_weights(name):
-    """A NaN weight has no pruning loss or grid point and would spread through its row's
-    compensations: each public solver raises a one-line OsbcError naming itself."""
-    W = torch.randn(4, 12)
-    W[1, 3] = float("nan")
-    H, g, keep = spike_H(12), fit_grid(torch.randn(4, 12), 4), torch.rand(4, 12) > 0.5
-    call = {"obs_path": lambda: S.obs_path(W, H), "prune_exact": lambda: S.prune_exact(W, H, 0.5),
+_SOLVERS = ["obs_path", "prune_exact", "prune_restricted", "prune_sparsegpt", "prune_magnitude", "solve_on_support",
+            "quantize_gptq", "quantize_obq", "quantize_exact", "quantize_refined", "refine_on_grid", "quantize_rtn"]
+
+
+def _call(name, W, H, g):
+    """Solver ``name`` on W, H (and grid g): the arguments each takes."""
+    keep = torch.ones(4, 12, dtype=torch.bool)
+    return {"obs_path": lambda: S.obs_path(W, H), "prune_exact": lambda: S.prune_exact(W, H, 0.5),
             "prune_restricted": lambda: S.prune_restricted(W, H, 0.9),
             "prune_sparsegpt": lambda: S.prune_sparsegpt(W, H, 0.5), "prune_magnitude": lambda: S.prune_magnitude(W, 0.5),
             "solve_on_support": lambda: S.solve_on_support(W, H, keep), "quantize_gptq": lambda: S.quantize_gptq(W, H, g),
             "quantize_obq": lambda: S.quantize_obq(W, H, g), "quantize_exact": lambda: S.quantize_exact(W, H, g),
             "quantize_refined": lambda: S.quantize_refined(W, H, g),
-            "refine_on_grid": lambda: S.refine_on_grid(W, H, g, g.quantize(torch.zeros(4, 12))),
-            "quantize_rtn": lambda: S.quantize_rtn(W, g)}[name]
-    with pytest.raises(OsbcError, match=f"^{name}: W holds NaN or Inf"):
-        call()
+            "refine_on_grid": lambda: S.refine_on_grid(W, H, g, torch.zeros(4, 12)),
+            "quantize_rtn": lambda: S.quantize_rtn(W, g)}[name]()
+
+
+@pytest.mark.parametrize("name", _SOLVERS)
+def test_every_solver_refuses_bad_layers(name):
+    """A NaN weight (no pruning loss or grid point; it would spread through its row's
+    compensations), a W or H that is not a torch tensor of the right shape and kind, a grid fitted
+    on other rows: each public solver raises a one-line OsbcError naming itself (numpy arrays,
+    1-D weights and wrong shapes used to end in TypeErrors and IndexErrors deep inside)."""
+    W, H, g = torch.randn(4, 12), spike_H(12), fit_grid(torch.randn(4, 12), 4)
+    nan = W.clone()
+    nan[1, 3] = float("nan")
+    bad = [(nan, H, g, "W holds NaN or Inf"), (W.numpy(), H, g, "W must be a torch tensor"),
+           (W[0], H, g, "W must be a 2-D floating tensor"), (W.long(), H, g, "W must be a 2-D floating tensor")]
+    if name not in ("prune_magnitude", "quantize_rtn"):
+        bad += [(W, H.numpy(), g, "H must be a torch tensor"), (W, H[:11, :11], g, r"H must be \[12, 12\]")]
+    if name.startswith("quantize") or name == "refine_on_grid":
+        bad.append((W, H, fit_grid(torch.randn(3, 12), 4), "the grid has scales of shape"))
+    for Wb, Hb, gb, msg in bad:
+        with pytest.raises(OsbcError, match=f"^{name}: {msg}"):
+            _call(name, Wb, Hb, gb)
+
+
+def test_restricted_takes_half_precision_weights():
+    """float16 / bfloat16 weights are solved in float32 and returned in their own dtype."""
+    W, H = torch.randn(8, 60), spike_H(60)
+    ref = S.prune_restricted(W.half().float(), H, 0.9)
+    for dt in (torch.float16, torch.bfloat16):
+        Wn, keep, _ = S.prune_restricted(W.to(dt), H, 0.9)
+        assert Wn.dtype == dt and int((~keep).sum()) == round(0.9 * 8 * 60)
+        if dt == torch.float16:
+            assert torch.equal(keep, ref[1]) and torch.equal(Wn, ref[0].half())

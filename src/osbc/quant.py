@@ -106,8 +106,8 @@ def fit_grid(W: Tensor, bits: int, *, per: str = "channel", mse: bool = False, p
     _check_bits(bits)
     if per not in ("channel", "layer"):
         raise OsbcError(f"per must be 'channel' or 'layer', got {per!r}")
-    if W.dim() != 2:
-        raise OsbcError(f"W must be 2-D [rows, inputs], got shape {tuple(W.shape)}")
+    if W.dim() != 2 or W.shape[1] == 0:
+        raise OsbcError(f"W must be 2-D [rows, inputs] with at least one input, got shape {tuple(W.shape)}")
     qmax = 2 ** (bits - 1) - 1
     qmin = -(2 ** (bits - 1)) if full_range else -qmax
     w = torch.nan_to_num(W.detach().to(torch.float64))

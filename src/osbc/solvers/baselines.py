@@ -5,7 +5,8 @@ import torch
 from torch import Tensor
 
 from ..quant import Grid
-from .pattern import _budget, _nm_groups, check_weights
+from .groups import check_weights
+from .pattern import _budget, _nm_groups
 
 __all__ = ["prune_magnitude", "quantize_rtn"]
 
@@ -43,7 +44,7 @@ def prune_magnitude(W: Tensor, sparsity, *, nm=None):
 
 def quantize_rtn(W: Tensor, grid: Grid, *, keep_mask: Tensor | None = None) -> Tensor:
     """Round to nearest; pruned weights (keep_mask False) stay 0."""
-    check_weights(W, "quantize_rtn")
+    check_weights(W, "quantize_rtn", grid)
     q = grid.quantize(W.detach())
     return q if keep_mask is None else q * keep_mask.to(q.device)
 

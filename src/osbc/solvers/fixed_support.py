@@ -6,9 +6,8 @@ from torch import Tensor
 
 from .damping import _chol_inverse, _damped
 from .engine.workers import _rows_per_chunk
-from .groups import groups, per_group, take
+from .groups import layer_groups, per_group, take
 from .options import DEFAULT_MAX_MEMORY
-from .pattern import check_weights
 
 __all__ = ["solve_on_support"]
 
@@ -55,11 +54,10 @@ def solve_on_support(W: Tensor, H, keep_mask: Tensor, damp: float = 0.01,
     Kept support S, pruned P: w_S = w0_S + H_SS^-1 H_SP w0_P, or equivalently (cheaper when P is the
     smaller set) w = w0 - H^-1[:, P] ([H^-1]_PP)^-1 w0_P; each row uses the smaller system. Float64.
     ``H``: one Hessian or ``(rows, H)`` groups."""
-    return per_group(W, groups(H), lambda Wg, Hg, rows: _solve_one(Wg, Hg, take(keep_mask, rows), damp, max_memory))
+    return per_group(W, layer_groups(W, H, "solve_on_support"), lambda Wg, Hg, rows: _solve_one(Wg, Hg, take(keep_mask, rows), damp, max_memory))
 
 
 def _solve_one(W: Tensor, H: Tensor, keep_mask: Tensor, damp: float, max_memory: int) -> Tensor:
-    check_weights(W, "solve_on_support")
     R, d = W.shape
     dev = W.device
     keep = keep_mask.to(device=dev, dtype=torch.bool)

@@ -14,9 +14,9 @@ from .engine.greedy import _greedy, _lazy_batch
 from .engine.lazy import _Lazy
 from .engine.workers import _chunks, _map, _pooled, _progress, _rows_per_chunk, _step_threads, _workers
 from .fixed_support import _padded, _sym_gather
-from .groups import groups, per_group, take
+from .groups import layer_groups, per_group, take
 from .options import DEFAULT_MAX_MEMORY, DEFAULT_OPTIONS, EngineOptions, EngineStats
-from .pattern import check_weights, pow2_row_scale
+from .pattern import pow2_row_scale
 from .sweep import quantize_gptq
 
 __all__ = ["quantize_obq", "quantize_exact"]
@@ -28,7 +28,7 @@ def quantize_exact(W: Tensor, H, grid: Grid, *, keep_mask: Tensor | None = None,
     """Each row from OBQ or GPTQ, whichever has the lower error dw^T H dw. OBQ's greedy order is not
     always better than GPTQ's fixed one (seen on layers with many silent inputs), and GPTQ is cheap
     next to OBQ. ``H``: [d, d] or ``(rows, H)`` groups, each sharing one H."""
-    check_weights(W, "quantize_exact")
+    gs = layer_groups(W, H, "quantize_exact", grid)
 
     def best(Wg, Hg, rows):
         Hg, sub, k = Hg.to(W.device), grid.select(rows), take(keep_mask, rows)
@@ -37,7 +37,7 @@ def quantize_exact(W: Tensor, H, grid: Grid, *, keep_mask: Tensor | None = None,
                              options=options, stats=stats)
         better = _row_error(q_obq - Wg, Hg) <= _row_error(q - Wg, Hg)
         return torch.where(better[:, None], q_obq, q)
-    return per_group(W, groups(H), best)
+    return per_group(W, gs, best)
 
 
 def _row_error(dw: Tensor, H: Tensor) -> Tensor:
@@ -54,12 +54,11 @@ def quantize_obq(W: Tensor, H, grid: Grid, *, keep_mask: Tensor | None = None, d
     the greedy runs on each row's kept support with H^-1 of that support. Dead inputs: rounded.
     ``H``: [d, d], [R, d, d] or ``(rows, H)`` groups."""
     opts = options or DEFAULT_OPTIONS
-    return per_group(W, groups(H), lambda Wg, Hg, rows: _obq(
+    return per_group(W, layer_groups(W, H, "quantize_obq", grid), lambda Wg, Hg, rows: _obq(
         Wg, Hg, grid.select(rows), take(keep_mask, rows), damp, progress, max_memory, opts, stats))
 
 
 def _obq(W: Tensor, H: Tensor, grid: Grid, keep_mask, damp, progress, max_memory, opts, stats) -> Tensor:
-    check_weights(W, "quantize_obq")
     R, d = W.shape
     dev, cdt = W.device, _cdtype(W)
     keep = None if keep_mask is None else keep_mask.to(device=dev, dtype=torch.bool)

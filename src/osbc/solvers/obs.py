@@ -21,9 +21,9 @@ from .engine.greedy import _greedy, _greedy_block, _lazy_batch
 from .engine.lazy import _Lazy
 from .engine.workers import _chunks, _map, _pooled, _progress, _rows_per_chunk, _step_threads, _workers
 from .fixed_support import solve_on_support
-from .groups import groups, per_group, restrict, take
+from .groups import layer_groups, per_group, restrict, take
 from .options import DEFAULT_MAX_MEMORY, DEFAULT_OPTIONS, EngineOptions, EngineStats
-from .pattern import _budget, _nm_groups, check_weights, pow2_row_scale
+from .pattern import _budget, _nm_groups, pow2_row_scale
 
 __all__ = ["PrunePath", "obs_path", "path_from_inverse", "budget_counts", "prune_exact"]
 
@@ -55,7 +55,7 @@ def obs_path(W: Tensor, H, *, max_steps: int | None = None, block: int = 1, nm=N
     def one(Wg, Hg, rows):
         p = _obs_path(Wg, Hg.to(W.device), max_steps, block, nm, damp, progress, max_memory, opts, stats)
         return p.order, p.loss
-    path = PrunePath(*per_group(W, groups(H), one))
+    path = PrunePath(*per_group(W, layer_groups(W, H, "obs_path"), one))
     if row_scale is not None:
         path = PrunePath(path.order, path.loss * row_scale.to(path.loss.device)[:, None])
     return path
@@ -65,7 +65,6 @@ def _obs_path(W: Tensor, H: Tensor, max_steps, block, nm, damp, progress, max_me
     """obs_path for one H ([d, d] or [R, d, d])."""
     W = W.detach()
     R, d = W.shape
-    check_weights(W, "obs_path")
     f = pow2_row_scale(W)
     dev, cdt = W.device, _cdtype(W)
     shared = H.dim() == 2
@@ -249,9 +248,8 @@ def prune_exact(W: Tensor, H, sparsity, *, block: int = 1, nm=None, row_scale: T
     ``path`` and ``counts`` (each row's removals along it, e.g. from a network-wide allocation)
     replace the path and the budget. Returns (W_new, keep_mask, row_losses = row_scale * 1/2 dw^T
     H dw per row)."""
-    check_weights(W, "prune_exact")
+    gs = layer_groups(W, H, "prune_exact")
     R, d = W.shape
-    gs = groups(H)
     kw = dict(block=block, nm=nm, damp=damp, progress=progress, max_memory=max_memory, options=options, stats=stats)
     if counts is None:
         k = _budget(sparsity, R, d, nm)

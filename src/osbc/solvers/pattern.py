@@ -1,6 +1,5 @@
-"""How many weights a layer gives up (a sparsity's count, an N:M pattern's groups), and what the
-solvers need of the weights' values: finite ones, and the power-of-two rescaling that keeps the
-scores of huge and tiny weights in float32's range."""
+"""How many weights a layer gives up (a sparsity's count, an N:M pattern's groups), and the
+power-of-two rescaling that keeps the scores of huge and tiny weights in float32's range."""
 from __future__ import annotations
 
 import torch
@@ -45,13 +44,6 @@ def _budget(sparsity, R: int, d: int, nm) -> int:
     if nm is not None and k > R * _nm_groups(d, nm, "cpu")[3]:
         raise OsbcError(f"sparsity {sparsity} exceeds what the {nm[0]}:{nm[1]} pattern allows")
     return k
-
-
-def check_weights(W: Tensor, who: str) -> None:
-    """OsbcError unless every weight is finite (a NaN or Inf weight has no pruning loss or grid
-    point, and would spread through every compensation of its row)."""
-    if not bool(torch.isfinite(W).all()):
-        raise OsbcError(f"{who}: W holds NaN or Inf; only finite weights can be compressed")
 
 
 def pow2_row_scale(W: Tensor, per_layer: bool = False) -> Tensor | None:

@@ -24,10 +24,10 @@ from ..quant import Grid
 from .baselines import _finish_q
 from .damping import _cdtype, _damped
 from .engine.workers import _rows_per_chunk
-from .groups import groups, per_group, take
+from .groups import layer_groups, per_group, take
 from .obq import _row_error, quantize_obq
 from .options import DEFAULT_MAX_MEMORY, EngineOptions, EngineStats
-from .pattern import check_weights, pow2_row_scale
+from .pattern import pow2_row_scale
 from .sweep import quantize_gptq
 
 __all__ = ["quantize_refined", "refine_on_grid", "STARTS"]
@@ -48,7 +48,7 @@ def quantize_refined(W: Tensor, H, grid: Grid, *, start: str = "gptq", keep_mask
     ``progress``, ``options``, ``stats``: OBQ's (start "exact")."""
     if start not in STARTS:
         raise OsbcError(f"start must be one of {', '.join(map(repr, STARTS))}, got {start!r}")
-    check_weights(W, "quantize_refined")
+    gs = layer_groups(W, H, "quantize_refined", grid)
 
     def solve(Wg, Hg, rows):
         Hg, sub, k = Hg.to(W.device), grid.select(rows), take(keep_mask, rows)
@@ -61,7 +61,7 @@ def quantize_refined(W: Tensor, H, grid: Grid, *, start: str = "gptq", keep_mask
         cands = [q, q_obq] + [_refine(Wg, Hd, sub, c, k, passes, blocksize, max_memory) for c in (q, q_obq)]
         err = torch.stack([_row_error(c - Wg, Hg) for c in cands])
         return torch.stack(cands)[err.argmin(0), torch.arange(Wg.shape[0], device=Wg.device)]
-    return per_group(W, groups(H), solve)
+    return per_group(W, gs, solve)
 
 
 def refine_on_grid(W: Tensor, H, grid: Grid, Q: Tensor, *, keep_mask: Tensor | None = None,
@@ -71,9 +71,11 @@ def refine_on_grid(W: Tensor, H, grid: Grid, Q: Tensor, *, keep_mask: Tensor | N
     exact coordinate descent, each coordinate moved to its best grid point given the others
     (never up); at most ``passes`` passes over the columns. Pruned weights (keep_mask False) are 0
     from the start. ``H``: [d, d] or ``(rows, H)`` groups, each sharing one H."""
-    if Q.shape != W.shape:
-        raise OsbcError(f"Q {tuple(Q.shape)} must have W's shape {tuple(W.shape)}")
-    return per_group(W, groups(H), lambda Wg, Hg, rows: _refine(
+    gs = layer_groups(W, H, "refine_on_grid", grid)
+    if not isinstance(Q, Tensor) or Q.shape != W.shape:
+        raise OsbcError(f"refine_on_grid: Q must be a tensor of W's shape {tuple(W.shape)}, "
+                        f"got {tuple(Q.shape) if isinstance(Q, Tensor) else type(Q).__name__}")
+    return per_group(W, gs, lambda Wg, Hg, rows: _refine(
         Wg, _damped_h(Hg, damp, Wg), grid.select(rows), take(Q, rows), take(keep_mask, rows), passes, blocksize,
         max_memory))
 
@@ -89,7 +91,6 @@ def _refine(W: Tensor, Hd: Tensor, grid: Grid, Q: Tensor, keep_mask, passes: int
             max_memory: int) -> Tensor:
     if isinstance(passes, bool) or not isinstance(passes, int) or passes < 0:
         raise OsbcError(f"passes must be an integer >= 0, got {passes!r}")
-    check_weights(W, "refine_on_grid")
     R, d = W.shape
     dev, cdt = W.device, _cdtype(W)
     keep = None if keep_mask is None else keep_mask.to(device=dev, dtype=torch.bool)

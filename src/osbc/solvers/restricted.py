@@ -54,7 +54,8 @@ from .engine.workers import _chunks as _worker_chunks, _map, _workers
 from .damping import _chol_inverse, _symmetrize_
 from .obs import PrunePath, budget_counts, path_from_inverse, prune_exact
 from .options import DEFAULT_OPTIONS
-from .pattern import _budget, check_weights, pow2_row_scale
+from .groups import layer_groups
+from .pattern import _budget, pow2_row_scale
 from .sweep import prune_sparsegpt
 
 __all__ = ["prune_restricted", "DEFAULT_WIDEN"]
@@ -474,10 +475,14 @@ def prune_restricted(W: Tensor, H, sparsity, *, widen: float = DEFAULT_WIDEN, ca
     weights (e.g. BatchNorm gain^2) in the layer budget; ``nm=(n, m)`` (``sparsity=None``: the full
     pattern) and low sparsity (C over half the live inputs) run the exact greedy. Returns (W_new,
     keep_mask, row_losses = row_scale * 1/2 dw^T H dw per row, H symmetrised), as prune_exact."""
+    layer_groups(W, H, "prune_restricted")
+    if W.dtype not in (torch.float32, torch.float64):         # half, bfloat16: solved in float32
+        W_new, keep, losses = prune_restricted(W.float(), H, sparsity, widen=widen, candidates=candidates, nm=nm,
+                                               row_scale=row_scale, damp=damp, progress=progress, max_memory=max_memory)
+        return W_new.to(W.dtype), keep, losses
     W = W.detach()
     R, d = W.shape
-    check_weights(W, "prune_restricted")
-    if widen < 1:
+    if not widen >= 1:                  # NaN too
         raise OsbcError(f"widen must be >= 1 (the candidate set holds the kept support), got {widen!r}")
     if candidates not in ("forward", "sparsegpt"):
         raise OsbcError(f"candidates must be 'forward' or 'sparsegpt', got {candidates!r}")

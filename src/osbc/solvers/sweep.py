@@ -16,8 +16,8 @@ from ..errors import OsbcError
 from ..quant import Grid
 from .baselines import _finish_q, _smallest_mask
 from .damping import _block, _cdtype, _damped
-from .groups import groups, per_group, take
-from .pattern import _budget, _nm_groups, check_weights, pow2_row_scale
+from .groups import layer_groups, per_group, take
+from .pattern import _budget, _nm_groups, pow2_row_scale
 
 __all__ = ["prune_sparsegpt", "quantize_gptq"]
 
@@ -74,13 +74,12 @@ def prune_sparsegpt(W: Tensor, H, sparsity, *, nm=None, blocksize: int = 128, da
     per group of m columns, each row's m - n lowest scores (the group's share of the budget;
     ``sparsity=None``: the full pattern). Dead inputs go first. Shared H [d, d] (or groups of rows
     sharing one). Returns (W_new, keep_mask)."""
-    return per_group(W, groups(H), lambda Wg, Hg, rows: _sparsegpt(Wg, Hg.to(W.device), sparsity, nm, blocksize, damp))
+    return per_group(W, layer_groups(W, H, "prune_sparsegpt"), lambda Wg, Hg, rows: _sparsegpt(Wg, Hg.to(W.device), sparsity, nm, blocksize, damp))
 
 
 def _sparsegpt(W: Tensor, H: Tensor, sparsity, nm, blocksize: int, damp: float):
     if H.dim() != 2:
         raise OsbcError("prune_sparsegpt needs a shared H [d, d]; group rows that share a Hessian")
-    check_weights(W, "prune_sparsegpt")
     R, d = W.shape
     dev, cdt = W.device, _cdtype(W)
     k = _budget(sparsity, R, d, nm)
@@ -154,14 +153,13 @@ def quantize_gptq(W: Tensor, H, grid: Grid, *, keep_mask: Tensor | None = None, 
     each column rounded and its error spread with the Cholesky factor of H^-1, lazy block updates.
     Pruned weights (keep_mask False) are held at 0 and their error compensated. Shared H (or
     groups of rows sharing one)."""
-    return per_group(W, groups(H), lambda Wg, Hg, rows: _gptq(
+    return per_group(W, layer_groups(W, H, "quantize_gptq", grid), lambda Wg, Hg, rows: _gptq(
         Wg, Hg.to(W.device), grid.select(rows), take(keep_mask, rows), blocksize, act_order, damp))
 
 
 def _gptq(W: Tensor, H: Tensor, grid: Grid, keep_mask, blocksize: int, act_order: bool, damp: float) -> Tensor:
     if H.dim() != 2:
         raise OsbcError("quantize_gptq needs a shared H [d, d]; group rows that share a Hessian")
-    check_weights(W, "quantize_gptq")
     R, d = W.shape
     dev, cdt = W.device, _cdtype(W)
     keep = None if keep_mask is None else keep_mask.to(device=dev, dtype=torch.bool)
