@@ -28,6 +28,7 @@ def mlp():
     (dict(nm="2-4"), "nm"), (dict(nm=(3, 3)), "N < M"), (dict(damp=1.0), "damp"), (dict(batch_size=0), "batch_size"),
     (dict(max_kernel_groups=0), "max_kernel_groups"), (dict(lamp_power=0), "lamp_power"),
     (dict(method="magnitude", allocation="global"), "global"), (dict(device="nonsense"), "device"),
+    (dict(seed="x"), "seed"), (dict(seed=-1), "seed"), (dict(seed=1.5), "seed"),
 ])
 def test_prune_config_rejects(kwargs, match):
     with pytest.raises(OsbcError, match=match):

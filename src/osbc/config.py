@@ -8,6 +8,7 @@ naming the argument.
 from __future__ import annotations
 
 import dataclasses
+import numbers
 from dataclasses import dataclass
 
 from .errors import OsbcError
@@ -98,6 +99,8 @@ class CompressConfig:
         if isinstance(self.max_kernel_groups, bool) or not isinstance(self.max_kernel_groups, int) \
                 or self.max_kernel_groups < 1:
             raise OsbcError(f"max_kernel_groups must be an integer >= 1, got {self.max_kernel_groups!r}")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, numbers.Integral) or self.seed < 0:
+            raise OsbcError(f"seed must be an integer >= 0, got {self.seed!r}")
         if isinstance(self.auto_seconds, bool) or not isinstance(self.auto_seconds, (int, float)) \
                 or not self.auto_seconds > 0:
             raise OsbcError(f"auto_seconds must be a number of seconds > 0, got {self.auto_seconds!r}")
