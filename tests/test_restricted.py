@@ -621,3 +621,28 @@ def test_hessians_the_exact_greedy_repairs():
     W[2, 5] = float("nan")
     with pytest.raises(OsbcError, match="^prune_restricted: W holds NaN or Inf"):
         prune_restricted(W, random_H(d, 17), 0.9)
+
+
+def test_forward_selection_workers_fit_max_memory(monkeypatch):
+    """Each compiled selection worker holds one row's factor [steps, n]: under a max_memory that
+    holds one, one worker runs (never none), with the same result as several."""
+    pytest.importorskip("osbc.solvers.engine.jit")
+    R, d, steps = 24, 300, 70
+    H = spike_H(d, 18, dead=0.2)
+    W = weights(R, d, 18)
+    Hd, dead, _, _ = support._damped(H, 0.01, "cpu")
+    g = W.double() @ Hd
+    seen = []
+    real_map = support._map
+    monkeypatch.setattr(support, "_map", lambda fn, items, workers: seen.append(workers) or real_map(fn, items, workers))
+    monkeypatch.setattr(support, "_workers", lambda device, opts: 2)
+    n = int((~dead).sum())
+    one_row = 4 * steps * n
+    wide = support._forward(Hd, g, dead, steps, 2 ** 30, torch.float32)
+    small = support._forward(Hd, g, dead, steps, one_row + 1, torch.float32)
+    tiny = support._forward(Hd, g, dead, steps, 1, torch.float32)
+    assert seen == [2, 1, 1]
+    for a, b in zip(wide, small):
+        assert torch.equal(a, b)
+    for a, b in zip(wide, tiny):
+        assert torch.equal(a, b)

@@ -273,7 +273,11 @@ def _forward(Hd: Tensor, g: Tensor, dead: Tensor, steps: int, max_memory: int, d
     if jit is not None:
         stop = torch.full((R,), -float("inf"), dtype=torch.float64) if stop is None else stop.to(torch.float64)
         Hn, Gn, sn, on, gn, rn = Ha.numpy(), G.numpy(), stop.numpy(), order.numpy(), gain.numpy(), ran.numpy()
-        workers = _workers(g.device, DEFAULT_OPTIONS)
+        # each worker holds one row's factor [t_max, n] (and the pool's copy): no more workers than
+        # max_memory holds (a single row's factor is the least the selection needs)
+        per_worker = Ha.element_size() * t_max * (n + (min(pool, n) if pool < n else 0))
+        workers = max(1, min(_workers(g.device, DEFAULT_OPTIONS), max_memory // max(per_worker, 1)))
+
         def one(rr):
             jit.forward_select(Hn, Gn[rr], t_max, sn[rr], on[rr], gn[rr], rn[rr], _WIDE_PASS, t_full, pool)
             if bar is not None:
