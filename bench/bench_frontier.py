@@ -17,6 +17,7 @@ of the whole layer (exact: extrapolated linearly from the subset, marked "~").
   python bench/bench_frontier.py --shapes 256x2312 --real --sparsities 0.97 --json f.json --png f.png
   python bench/bench_frontier.py --variants forward:1,forward:1.5 --threads 1
   python bench/bench_frontier.py --device cuda                 # time on a GPU
+  python bench/bench_frontier.py --device cuda --skip-exact --max-memory 8192   # larger GPU chunks
 """
 from __future__ import annotations
 
@@ -109,17 +110,19 @@ def membrane_error(W, W1, H) -> float:
     return float(((dw @ Hh) * dw).sum() / ((w @ Hh) * w).sum())
 
 
-def solvers(variants):
-    """exact, fast, restricted (its defaults), and prune_restricted per "candidates:widen" variant."""
+def solvers(variants, max_memory=None):
+    """exact, fast, restricted (its defaults), and prune_restricted per "candidates:widen" variant;
+    ``max_memory`` (bytes, None: the solvers' default) goes to the solvers that take it."""
     from osbc import solvers as S
     from osbc.solvers import prune_restricted
-    out = {"exact": lambda W, H, s: S.prune_exact(W, H, s)[0],
+    mm = {} if max_memory is None else {"max_memory": max_memory}
+    out = {"exact": lambda W, H, s: S.prune_exact(W, H, s, **mm)[0],
            "fast": lambda W, H, s: S.prune_sparsegpt(W, H, s)[0],
-           "restricted": lambda W, H, s: prune_restricted(W, H, s)[0]}
+           "restricted": lambda W, H, s: prune_restricted(W, H, s, **mm)[0]}
     for v in filter(None, variants):
         cands, wd = v.split(":")
         out[f"{cands}{float(wd):g}"] = lambda W, H, s, c=cands, wd=float(wd): \
-            prune_restricted(W, H, s, widen=wd, candidates=c)[0]
+            prune_restricted(W, H, s, widen=wd, candidates=c, **mm)[0]
     return out
 
 
@@ -146,7 +149,7 @@ def run_layer(name: str, W, H, args, device) -> list[dict]:
     sub = sub if 0 < sub < R else 0
     Ws = W[torch.randperm(R, generator=torch.Generator().manual_seed(0))[:sub].sort().values.to(device)] if sub else W
     rows = []
-    fns = solvers(args.variants)
+    fns = solvers(args.variants, None if args.max_memory is None else int(args.max_memory * 2 ** 20))
     for sp in args.sparsities:
         e_exact = None
         if not args.skip_exact:
@@ -223,6 +226,9 @@ def main(argv=None):
     ap.add_argument("--repeat", type=int, default=1,
                     help="time every solver but exact this many times, keep the least (a shared machine's noise)")
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    ap.add_argument("--max-memory", type=float, default=None,
+                    help="MiB per chunk of rows for exact and restricted (default: the solvers' 384); on a GPU "
+                         "larger chunks mean fewer sequential steps")
     ap.add_argument("--epochs", type=int, default=5, help="training epochs of the digits MLP")
     ap.add_argument("--cache", default=os.path.join(os.environ.get("OSBC_CACHE", os.path.expanduser("~/.cache/osbc")),
                                                     "bench"), help="where the trained digits layer is kept")

@@ -25,4 +25,14 @@ def test_frontier_small_layer(tmp_path, monkeypatch):
         assert by["restricted", sp]["error"] <= by["fast", sp]["error"] * (1 + 1e-6)
         assert by["restricted", sp]["ratio"] < 1.1
     assert (tmp_path / "f.png").stat().st_size > 0
+    # --max-memory reaches the solvers (chunks of a row or two) and changes no result
+    import osbc.solvers as S
+    seen = []
+    real = S.prune_restricted
+    monkeypatch.setattr(S, "prune_restricted", lambda *a, **k: seen.append(k.get("max_memory")) or real(*a, **k))
+    bench_frontier.main(["--shapes", "24x300", "--sparsities", "0.9", "--variants", "", "--skip-exact",
+                         "--max-memory", "0.05", "--json", str(out)])
+    small = {r["solver"]: r["error"] for r in json.loads(out.read_text())["rows"]}
+    assert int(0.05 * 2 ** 20) in seen          # (the warm-up call takes the default)
+    assert small["restricted"] == pytest.approx(by["restricted", 0.9]["error"], rel=1e-6)
     sys.modules.pop("bench_frontier", None)
