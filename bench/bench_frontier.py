@@ -17,7 +17,7 @@ of the whole layer (exact: extrapolated linearly from the subset, marked "~").
   python bench/bench_frontier.py --shapes 256x2312 --real --sparsities 0.97 --json f.json --png f.png
   python bench/bench_frontier.py --variants forward:1,forward:1.5 --threads 1
   python bench/bench_frontier.py --device cuda                 # time on a GPU
-  python bench/bench_frontier.py --device cuda --skip-exact --max-memory 8192   # larger GPU chunks
+  python bench/bench_frontier.py --device cuda --skip-exact --max-memory 384    # the CPU's chunks on a GPU
 """
 from __future__ import annotations
 
@@ -227,8 +227,8 @@ def main(argv=None):
                     help="time every solver but exact this many times, keep the least (a shared machine's noise)")
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     ap.add_argument("--max-memory", type=float, default=None,
-                    help="MiB per chunk of rows for exact and restricted (default: the solvers' 384); on a GPU "
-                         "larger chunks mean fewer sequential steps")
+                    help="MiB per chunk of rows for exact and restricted (default: the solvers', 384 on CPU and "
+                         "an eighth of the free memory on a GPU)")
     ap.add_argument("--epochs", type=int, default=5, help="training epochs of the digits MLP")
     ap.add_argument("--cache", default=os.path.join(os.environ.get("OSBC_CACHE", os.path.expanduser("~/.cache/osbc")),
                                                     "bench"), help="where the trained digits layer is kept")

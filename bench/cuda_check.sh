@@ -9,7 +9,7 @@ cd "$(dirname "$0")/.."
 cd bench
 "$PY" bench_frontier.py --device cuda --shapes 256x2312,512x4608 --sparsities 0.9,0.97 --variants "" \
     --repeat 2 --json cuda_frontier.json --png cuda_frontier.png
-# the restricted solver's batched steps on a GPU: are they bound by the number of sequential steps
-# (larger row chunks help) or by the factor's reads? the same layer with 8 GiB chunks
+# the GPU's default chunks (an eighth of its free memory) against the CPU's 384 MiB: how much the
+# number of sequential chunks costs the exact and restricted solvers there
 "$PY" bench_frontier.py --device cuda --shapes 512x4608 --sparsities 0.9,0.97 --variants "" --skip-exact \
-    --repeat 2 --max-memory 8192 --json cuda_frontier_8g.json
+    --repeat 2 --max-memory 384 --json cuda_frontier_384m.json

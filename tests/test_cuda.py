@@ -102,3 +102,18 @@ def test_whole_model(task):
     b = fn(model, calib, device=DEV, verbose=False, **kw).model
     for (n, p), q in zip(a.named_parameters(), b.parameters()):
         torch.testing.assert_close(p, q.cpu(), rtol=1e-6, atol=1e-8, msg=n)
+
+
+def test_default_memory_budget_and_chunking():
+    """The default max_memory on the device (a GPU: an eighth of its free memory, so a layer's rows
+    go in few chunks) and the smallest budget (a row per chunk) give the same weights."""
+    budget = S.memory_budget(None, DEV)
+    if DEV == "cuda":
+        assert S.DEFAULT_MAX_MEMORY <= budget <= torch.cuda.mem_get_info()[1]
+    else:
+        assert budget == S.DEFAULT_MAX_MEMORY
+    W, H = problem(R=24, d=160)
+    W, H = W.to(DEV), H.to(DEV)
+    for fn in (lambda **k: S.prune_restricted(W, H, 0.9, **k)[0], lambda **k: S.prune_exact(W, H, 0.9, **k)[0],
+               lambda **k: S.quantize_obq(W, H, fit_grid(W, 3), **k)):
+        close(fn().cpu(), fn(max_memory=1).cpu())

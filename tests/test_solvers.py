@@ -684,17 +684,42 @@ _SOLVERS = ["obs_path", "prune_exact", "prune_restricted", "prune_sparsegpt", "p
             "quantize_gptq", "quantize_obq", "quantize_exact", "quantize_refined", "refine_on_grid", "quantize_rtn"]
 
 
-def _call(name, W, H, g):
-    """Solver ``name`` on W, H (and grid g): the arguments each takes."""
+def _call(name, W, H, g, **kw):
+    """Solver ``name`` on W, H (and grid g): the arguments each takes, and ``kw``."""
     keep = torch.ones(4, 12, dtype=torch.bool)
-    return {"obs_path": lambda: S.obs_path(W, H), "prune_exact": lambda: S.prune_exact(W, H, 0.5),
-            "prune_restricted": lambda: S.prune_restricted(W, H, 0.9),
-            "prune_sparsegpt": lambda: S.prune_sparsegpt(W, H, 0.5), "prune_magnitude": lambda: S.prune_magnitude(W, 0.5),
-            "solve_on_support": lambda: S.solve_on_support(W, H, keep), "quantize_gptq": lambda: S.quantize_gptq(W, H, g),
-            "quantize_obq": lambda: S.quantize_obq(W, H, g), "quantize_exact": lambda: S.quantize_exact(W, H, g),
-            "quantize_refined": lambda: S.quantize_refined(W, H, g),
-            "refine_on_grid": lambda: S.refine_on_grid(W, H, g, torch.zeros(4, 12)),
-            "quantize_rtn": lambda: S.quantize_rtn(W, g)}[name]()
+    return {"obs_path": lambda: S.obs_path(W, H, **kw), "prune_exact": lambda: S.prune_exact(W, H, 0.5, **kw),
+            "prune_restricted": lambda: S.prune_restricted(W, H, 0.9, **kw),
+            "prune_sparsegpt": lambda: S.prune_sparsegpt(W, H, 0.5, **kw),
+            "prune_magnitude": lambda: S.prune_magnitude(W, 0.5, **kw),
+            "solve_on_support": lambda: S.solve_on_support(W, H, keep, **kw),
+            "quantize_gptq": lambda: S.quantize_gptq(W, H, g, **kw),
+            "quantize_obq": lambda: S.quantize_obq(W, H, g, **kw), "quantize_exact": lambda: S.quantize_exact(W, H, g, **kw),
+            "quantize_refined": lambda: S.quantize_refined(W, H, g, **kw),
+            "refine_on_grid": lambda: S.refine_on_grid(W, H, g, torch.zeros(4, 12), **kw),
+            "quantize_rtn": lambda: S.quantize_rtn(W, g, **kw)}[name]()
+
+
+_CHUNKED = ["obs_path", "prune_exact", "prune_restricted", "solve_on_support", "quantize_obq", "quantize_exact",
+            "quantize_refined", "refine_on_grid"]
+
+
+@pytest.mark.parametrize("name", _CHUNKED)
+def test_max_memory_default_and_bad_values(name):
+    """``max_memory`` None is the device's default (384 MiB on CPU); a budget under one row gives
+    chunks of one row and the same result; anything but a positive int is a one-line OsbcError
+    naming the solver."""
+    assert S.memory_budget(None, "cpu") == S.DEFAULT_MAX_MEMORY
+    assert S.memory_budget(1234, "cpu") == 1234
+    W, H, g = torch.randn(4, 12, generator=torch.Generator().manual_seed(0)), spike_H(12), fit_grid(torch.randn(4, 12), 4)
+    ref = _call(name, W, H, g)
+    one_row = _call(name, W, H, g, max_memory=1)
+    parts = lambda x: (x,) if isinstance(x, torch.Tensor) else (x.order, x.loss) if isinstance(x, S.PrunePath) \
+        else tuple(x)  # noqa: E731
+    for a, b in zip(parts(ref), parts(one_row)):
+        assert torch.equal(a, b)
+    for bad in (0, -5, 1.5, True, "big"):
+        with pytest.raises(OsbcError, match=f"^{name}: max_memory must be a positive int"):
+            _call(name, W, H, g, max_memory=bad)
 
 
 @pytest.mark.parametrize("name", _SOLVERS)

@@ -12,7 +12,8 @@ on a forward-selected candidate support: near-exact at high sparsity, far faster
 (SparseGPT, GPTQ), ``refine`` (GPTQ's or OBQ's result refined by exact coordinate descent on the grid), ``baselines`` (magnitude, round-to-nearest), ``engine`` (the lazy batched H^-1 machinery behind
 obs and obq), ``options`` (its tuning, ``EngineOptions``, and counters, ``EngineStats``).
 
-Work is vectorised over rows, chunked so the chunks' working sets stay under ``max_memory`` bytes,
+Work is vectorised over rows, chunked so the chunks' working sets stay under ``max_memory`` bytes
+(None, the default: 384 MiB on CPU, an eighth of the free memory on a GPU; ``memory_budget``),
 and runs on W's device in float32 (float64 when W is float64). Inputs whose diagonal of H is zero
 ("dead": they never fired) carry no loss and are removed first.
 """
@@ -21,7 +22,7 @@ from .damping import damp_inverse
 from .fixed_support import solve_on_support
 from .obq import quantize_exact, quantize_obq
 from .obs import PrunePath, budget_counts, obs_path, prune_exact
-from .options import DEFAULT_MAX_MEMORY, EngineOptions, EngineStats
+from .options import DEFAULT_MAX_MEMORY, EngineOptions, EngineStats, memory_budget
 from .refine import quantize_refined, refine_on_grid
 from .restricted import prune_restricted
 from .sweep import prune_sparsegpt, quantize_gptq
@@ -29,4 +30,4 @@ from .sweep import prune_sparsegpt, quantize_gptq
 __all__ = ["damp_inverse", "PrunePath", "obs_path", "budget_counts", "solve_on_support", "prune_exact",
            "prune_restricted", "prune_sparsegpt", "prune_magnitude", "quantize_obq", "quantize_gptq", "quantize_exact",
            "quantize_refined", "refine_on_grid", "quantize_rtn",
-           "EngineOptions", "EngineStats", "DEFAULT_MAX_MEMORY"]
+           "EngineOptions", "EngineStats", "DEFAULT_MAX_MEMORY", "memory_budget"]

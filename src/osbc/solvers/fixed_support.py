@@ -7,7 +7,7 @@ from torch import Tensor
 from .damping import _chol_inverse, _damped
 from .engine.workers import _rows_per_chunk
 from .groups import layer_groups, per_group, take
-from .options import DEFAULT_MAX_MEMORY
+from .options import memory_budget
 
 __all__ = ["solve_on_support"]
 
@@ -48,13 +48,15 @@ def _spd_solve(A: Tensor, b: Tensor) -> Tensor:
 
 
 def solve_on_support(W: Tensor, H, keep_mask: Tensor, damp: float = 0.01,
-                     max_memory: int = DEFAULT_MAX_MEMORY) -> Tensor:
+                     max_memory: int | None = None) -> Tensor:
     """argmin (w - w0)^T H_damped (w - w0) subject to w = 0 off the kept support, per row.
 
     Kept support S, pruned P: w_S = w0_S + H_SS^-1 H_SP w0_P, or equivalently (cheaper when P is the
     smaller set) w = w0 - H^-1[:, P] ([H^-1]_PP)^-1 w0_P; each row uses the smaller system. Float64.
     ``H``: one Hessian or ``(rows, H)`` groups."""
-    return per_group(W, layer_groups(W, H, "solve_on_support"), lambda Wg, Hg, rows: _solve_one(Wg, Hg, take(keep_mask, rows), damp, max_memory))
+    gs = layer_groups(W, H, "solve_on_support")
+    max_memory = memory_budget(max_memory, W.device, "solve_on_support")
+    return per_group(W, gs, lambda Wg, Hg, rows: _solve_one(Wg, Hg, take(keep_mask, rows), damp, max_memory))
 
 
 def _solve_one(W: Tensor, H: Tensor, keep_mask: Tensor, damp: float, max_memory: int) -> Tensor:

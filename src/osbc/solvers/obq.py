@@ -15,7 +15,7 @@ from .engine.lazy import _Lazy
 from .engine.workers import _chunks, _map, _pooled, _progress, _rows_per_chunk, _step_threads, _workers
 from .fixed_support import _padded, _sym_gather
 from .groups import layer_groups, per_group, take
-from .options import DEFAULT_MAX_MEMORY, DEFAULT_OPTIONS, EngineOptions, EngineStats
+from .options import DEFAULT_OPTIONS, EngineOptions, EngineStats, memory_budget
 from .pattern import pow2_row_scale
 from .sweep import quantize_gptq
 
@@ -23,12 +23,13 @@ __all__ = ["quantize_obq", "quantize_exact"]
 
 
 def quantize_exact(W: Tensor, H, grid: Grid, *, keep_mask: Tensor | None = None, damp: float = 0.01,
-                   progress: bool = False, max_memory: int = DEFAULT_MAX_MEMORY, options: EngineOptions | None = None,
+                   progress: bool = False, max_memory: int | None = None, options: EngineOptions | None = None,
                    stats: EngineStats | None = None) -> Tensor:
     """Each row from OBQ or GPTQ, whichever has the lower error dw^T H dw. OBQ's greedy order is not
     always better than GPTQ's fixed one (seen on layers with many silent inputs), and GPTQ is cheap
     next to OBQ. ``H``: [d, d] or ``(rows, H)`` groups, each sharing one H."""
     gs = layer_groups(W, H, "quantize_exact", grid)
+    max_memory = memory_budget(max_memory, W.device, "quantize_exact")
 
     def best(Wg, Hg, rows):
         Hg, sub, k = Hg.to(W.device), grid.select(rows), take(keep_mask, rows)
@@ -47,14 +48,16 @@ def _row_error(dw: Tensor, H: Tensor) -> Tensor:
 
 
 def quantize_obq(W: Tensor, H, grid: Grid, *, keep_mask: Tensor | None = None, damp: float = 0.01,
-                 progress: bool = False, max_memory: int = DEFAULT_MAX_MEMORY, options: EngineOptions | None = None,
+                 progress: bool = False, max_memory: int | None = None, options: EngineOptions | None = None,
                  stats: EngineStats | None = None) -> Tensor:
     """OBQ greedy per row: quantize first the weight with the smallest (w_q - quant(w_q))^2 / [H^-1]_qq,
     compensate the others, downdate H^-1, repeat. Pruned weights (keep_mask False) stay exactly 0:
     the greedy runs on each row's kept support with H^-1 of that support. Dead inputs: rounded.
     ``H``: [d, d], [R, d, d] or ``(rows, H)`` groups."""
     opts = options or DEFAULT_OPTIONS
-    return per_group(W, layer_groups(W, H, "quantize_obq", grid), lambda Wg, Hg, rows: _obq(
+    gs = layer_groups(W, H, "quantize_obq", grid)
+    max_memory = memory_budget(max_memory, W.device, "quantize_obq")
+    return per_group(W, gs, lambda Wg, Hg, rows: _obq(
         Wg, Hg, grid.select(rows), take(keep_mask, rows), damp, progress, max_memory, opts, stats))
 
 

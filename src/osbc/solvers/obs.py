@@ -22,7 +22,7 @@ from .engine.lazy import _Lazy
 from .engine.workers import _chunks, _map, _pooled, _progress, _rows_per_chunk, _step_threads, _workers
 from .fixed_support import solve_on_support
 from .groups import layer_groups, per_group, restrict, take
-from .options import DEFAULT_MAX_MEMORY, DEFAULT_OPTIONS, EngineOptions, EngineStats
+from .options import DEFAULT_OPTIONS, EngineOptions, EngineStats, memory_budget
 from .pattern import _budget, _nm_groups, pow2_row_scale
 
 __all__ = ["PrunePath", "obs_path", "path_from_inverse", "budget_counts", "prune_exact"]
@@ -40,7 +40,7 @@ class PrunePath:
 
 
 def obs_path(W: Tensor, H, *, max_steps: int | None = None, block: int = 1, nm=None, damp: float = 0.01,
-             row_scale: Tensor | None = None, progress: bool = False, max_memory: int = DEFAULT_MAX_MEMORY,
+             row_scale: Tensor | None = None, progress: bool = False, max_memory: int | None = None,
              options: EngineOptions | None = None, stats: EngineStats | None = None) -> PrunePath:
     """Greedy OBS (OBC) removal path of every row of W [R, d], up to ``max_steps`` steps.
 
@@ -51,11 +51,13 @@ def obs_path(W: Tensor, H, *, max_steps: int | None = None, block: int = 1, nm=N
     Dead inputs come first, at loss 0. ``row_scale`` [R]: each row's losses times row_scale[r]
     (e.g. a BatchNorm gain^2). ``H``: one Hessian or ``(rows, H)`` groups."""
     opts = options or DEFAULT_OPTIONS
+    gs = layer_groups(W, H, "obs_path")
+    max_memory = memory_budget(max_memory, W.device, "obs_path")
 
     def one(Wg, Hg, rows):
         p = _obs_path(Wg, Hg.to(W.device), max_steps, block, nm, damp, progress, max_memory, opts, stats)
         return p.order, p.loss
-    path = PrunePath(*per_group(W, layer_groups(W, H, "obs_path"), one))
+    path = PrunePath(*per_group(W, gs, one))
     if row_scale is not None:
         path = PrunePath(path.order, path.loss * row_scale.to(path.loss.device)[:, None])
     return path
@@ -239,7 +241,7 @@ def _row_losses(W0: Tensor, W1: Tensor, H: Tensor, row_scale=None) -> Tensor:
 
 
 def prune_exact(W: Tensor, H, sparsity, *, block: int = 1, nm=None, row_scale: Tensor | None = None,
-                damp: float = 0.01, progress: bool = False, max_memory: int = DEFAULT_MAX_MEMORY,
+                damp: float = 0.01, progress: bool = False, max_memory: int | None = None,
                 path: PrunePath | None = None, counts: Tensor | None = None, options: EngineOptions | None = None,
                 stats: EngineStats | None = None):
     """Prune the layer's round(sparsity * R * d) cheapest greedy steps (OBS path + layer budget),
@@ -249,6 +251,7 @@ def prune_exact(W: Tensor, H, sparsity, *, block: int = 1, nm=None, row_scale: T
     replace the path and the budget. Returns (W_new, keep_mask, row_losses = row_scale * 1/2 dw^T
     H dw per row)."""
     gs = layer_groups(W, H, "prune_exact")
+    max_memory = memory_budget(max_memory, W.device, "prune_exact")
     R, d = W.shape
     kw = dict(block=block, nm=nm, damp=damp, progress=progress, max_memory=max_memory, options=options, stats=stats)
     if counts is None:

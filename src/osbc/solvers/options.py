@@ -11,9 +11,28 @@ from dataclasses import dataclass, field
 
 from ..errors import OsbcError
 
-__all__ = ["EngineOptions", "EngineStats", "DEFAULT_OPTIONS", "DEFAULT_MAX_MEMORY"]
+__all__ = ["EngineOptions", "EngineStats", "DEFAULT_OPTIONS", "DEFAULT_MAX_MEMORY", "memory_budget"]
 
-DEFAULT_MAX_MEMORY = 384 * 2 ** 20
+DEFAULT_MAX_MEMORY = 384 * 2 ** 20      # bytes per chunk of rows on CPU
+_GPU_SHARE = 8                          # on a GPU: this share of its free memory (at least the CPU's)
+
+
+def memory_budget(max_memory, device, who: str = "memory_budget") -> int:
+    """The solvers' ``max_memory`` (bytes a chunk of rows may take): as given, or with None the
+    device's default: DEFAULT_MAX_MEMORY on CPU (chunks about as large as the caches pay), an
+    eighth of the free memory on a GPU, where a step on a few rows is bound by its kernel
+    launches, not its arithmetic: there the number of chunks, not their size, sets the time. ``who`` names the caller in
+    the error for a bad value."""
+    import torch
+    if max_memory is None:
+        device = torch.device(device)
+        if device.type != "cuda":
+            return DEFAULT_MAX_MEMORY
+        return max(DEFAULT_MAX_MEMORY, torch.cuda.mem_get_info(device)[0] // _GPU_SHARE)
+    if isinstance(max_memory, bool) or not isinstance(max_memory, int) or max_memory < 1:
+        raise OsbcError(f"{who}: max_memory must be a positive int of bytes (or None for the device's default), "
+                        f"got {max_memory!r}")
+    return max_memory
 
 
 @dataclass(frozen=True)

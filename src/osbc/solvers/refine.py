@@ -26,7 +26,7 @@ from .damping import _cdtype, _damped
 from .engine.workers import _rows_per_chunk
 from .groups import layer_groups, per_group, take
 from .obq import _row_error, quantize_obq
-from .options import DEFAULT_MAX_MEMORY, EngineOptions, EngineStats
+from .options import EngineOptions, EngineStats, memory_budget
 from .pattern import pow2_row_scale
 from .sweep import quantize_gptq
 
@@ -38,7 +38,7 @@ STARTS = ("gptq", "exact")
 
 def quantize_refined(W: Tensor, H, grid: Grid, *, start: str = "gptq", keep_mask: Tensor | None = None,
                      passes: int = DEFAULT_PASSES, blocksize: int = 128, damp: float = 0.01,
-                     max_memory: int = DEFAULT_MAX_MEMORY, progress: bool = False,
+                     max_memory: int | None = None, progress: bool = False,
                      options: EngineOptions | None = None, stats: EngineStats | None = None) -> Tensor:
     """Up to ``passes`` passes of exact coordinate descent on the grid (:func:`refine_on_grid`)
     from ``start``: ``"gptq"`` (solver "refined"), or ``"exact"`` (solver "exact-refined"): both
@@ -49,6 +49,7 @@ def quantize_refined(W: Tensor, H, grid: Grid, *, start: str = "gptq", keep_mask
     if start not in STARTS:
         raise OsbcError(f"start must be one of {', '.join(map(repr, STARTS))}, got {start!r}")
     gs = layer_groups(W, H, "quantize_refined", grid)
+    max_memory = memory_budget(max_memory, W.device, "quantize_refined")
 
     def solve(Wg, Hg, rows):
         Hg, sub, k = Hg.to(W.device), grid.select(rows), take(keep_mask, rows)
@@ -66,12 +67,13 @@ def quantize_refined(W: Tensor, H, grid: Grid, *, start: str = "gptq", keep_mask
 
 def refine_on_grid(W: Tensor, H, grid: Grid, Q: Tensor, *, keep_mask: Tensor | None = None,
                    passes: int = DEFAULT_PASSES, blocksize: int = 128, damp: float = 0.01,
-                   max_memory: int = DEFAULT_MAX_MEMORY) -> Tensor:
+                   max_memory: int | None = None) -> Tensor:
     """Lower 1/2 (q - w)^T (H + lambda I) (q - w) of every row from the grid point ``Q`` by cyclic
     exact coordinate descent, each coordinate moved to its best grid point given the others
     (never up); at most ``passes`` passes over the columns. Pruned weights (keep_mask False) are 0
     from the start. ``H``: [d, d] or ``(rows, H)`` groups, each sharing one H."""
     gs = layer_groups(W, H, "refine_on_grid", grid)
+    max_memory = memory_budget(max_memory, W.device, "refine_on_grid")
     if not isinstance(Q, Tensor) or Q.shape != W.shape:
         raise OsbcError(f"refine_on_grid: Q must be a tensor of W's shape {tuple(W.shape)}, "
                         f"got {tuple(Q.shape) if isinstance(Q, Tensor) else type(Q).__name__}")

@@ -53,7 +53,7 @@ from .engine.greedy import _jit_module
 from .engine.workers import _chunks as _worker_chunks, _map, _workers
 from .damping import _chol_inverse, _symmetrize_
 from .obs import PrunePath, budget_counts, path_from_inverse, prune_exact
-from .options import DEFAULT_OPTIONS
+from .options import DEFAULT_OPTIONS, memory_budget
 from .groups import layer_groups
 from .pattern import _budget, pow2_row_scale
 from .sweep import prune_sparsegpt
@@ -61,7 +61,6 @@ from .sweep import prune_sparsegpt
 __all__ = ["prune_restricted", "DEFAULT_WIDEN"]
 
 DEFAULT_WIDEN = 1.25             # candidate set = this many times the kept support (1.5: ~1% lower error, ~1.3x the time)
-_DEFAULT_MAX_MEMORY = 384 * 2 ** 20
 _FORWARD_CACHE = 16 * 2 ** 20    # bytes of a forward-selection chunk's factor
 # the per-row subproblems run in chunks of this share of max_memory: on the digits layer at 90%,
 # quarter-budget chunks were 15% faster than full-budget ones (cache) and peaked at half the memory
@@ -470,7 +469,7 @@ def _exact(W: Tensor, H, sparsity, nm, row_scale, damp: float, progress: bool, m
 
 def prune_restricted(W: Tensor, H, sparsity, *, widen: float = DEFAULT_WIDEN, candidates: str = "forward", nm=None,
                      row_scale: Tensor | None = None, damp: float = 0.01, progress: bool = False,
-                     max_memory: int = _DEFAULT_MAX_MEMORY):
+                     max_memory: int | None = None):
     """Prune round(sparsity * R * d) weights of W [R, d]: the exact greedy restricted to a
     candidate support ``widen`` times the kept one, found by forward selection (``candidates=
     "forward"``) or a SparseGPT sweep (``"sparsegpt"``); see the module docstring.
@@ -480,6 +479,7 @@ def prune_restricted(W: Tensor, H, sparsity, *, widen: float = DEFAULT_WIDEN, ca
     pattern) and low sparsity (C over half the live inputs) run the exact greedy. Returns (W_new,
     keep_mask, row_losses = row_scale * 1/2 dw^T H dw per row, H symmetrised), as prune_exact."""
     layer_groups(W, H, "prune_restricted")
+    max_memory = memory_budget(max_memory, W.device, "prune_restricted")
     if W.dtype not in (torch.float32, torch.float64):         # half, bfloat16: solved in float32
         W_new, keep, losses = prune_restricted(W.float(), H, sparsity, widen=widen, candidates=candidates, nm=nm,
                                                row_scale=row_scale, damp=damp, progress=progress, max_memory=max_memory)
