@@ -709,7 +709,7 @@ def test_max_memory_default_and_bad_values(name):
     chunks of one row and the same result; anything but a positive int is a one-line OsbcError
     naming the solver."""
     assert S.memory_budget(None, "cpu") == S.DEFAULT_MAX_MEMORY
-    assert S.memory_budget(1234, "cpu") == 1234
+    assert S.memory_budget(1234, "cpu") == 1234 and S.memory_budget(np.int64(1234), "cpu") == 1234
     W, H, g = torch.randn(4, 12, generator=torch.Generator().manual_seed(0)), spike_H(12), fit_grid(torch.randn(4, 12), 4)
     ref = _call(name, W, H, g)
     one_row = _call(name, W, H, g, max_memory=1)

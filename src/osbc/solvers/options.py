@@ -21,18 +21,20 @@ def memory_budget(max_memory, device, who: str = "memory_budget") -> int:
     """The solvers' ``max_memory`` (bytes a chunk of rows may take): as given, or with None the
     device's default: DEFAULT_MAX_MEMORY on CPU (chunks about as large as the caches pay), an
     eighth of the free memory on a GPU, where a step on a few rows is bound by its kernel
-    launches, not its arithmetic: there the number of chunks, not their size, sets the time. ``who`` names the caller in
-    the error for a bad value."""
+    launches, not its arithmetic: there the number of chunks, not their size, sets the time.
+    ``who`` names the caller in the error for a bad value."""
+    import numbers
+
     import torch
     if max_memory is None:
         device = torch.device(device)
         if device.type != "cuda":
             return DEFAULT_MAX_MEMORY
         return max(DEFAULT_MAX_MEMORY, torch.cuda.mem_get_info(device)[0] // _GPU_SHARE)
-    if isinstance(max_memory, bool) or not isinstance(max_memory, int) or max_memory < 1:
+    if isinstance(max_memory, bool) or not isinstance(max_memory, numbers.Integral) or max_memory < 1:
         raise OsbcError(f"{who}: max_memory must be a positive int of bytes (or None for the device's default), "
                         f"got {max_memory!r}")
-    return max_memory
+    return int(max_memory)
 
 
 @dataclass(frozen=True)
