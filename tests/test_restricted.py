@@ -571,6 +571,39 @@ def test_pool_only_at_low_sparsity(monkeypatch, always_restricted):
     assert seen and all(tf is not None and pool < d for tf, pool in seen)
 
 
+def test_pooled_selection_equals_one_run_per_row(monkeypatch, always_restricted):
+    """With the late pool (low sparsity), the candidates are those of one run of every row to the
+    nominal length with one pool width: a sampled row (run shorter first) gets the pool every
+    other row gets, so its candidates do not depend on having been sampled."""
+    from osbc.solvers.obs import PrunePath, budget_counts
+    R, d, sp = 64, 400, 0.85
+    H = spike_H(d, 17, dead=0.1)
+    W = weights(R, d, 17, torch.float64)
+    seen, lengths = {}, []
+    forward, paths = support._forward, support._restricted_paths
+
+    def watched(Hd, g, dead, steps, *a, **kw):
+        lengths.append(steps)
+        return forward(Hd, g, dead, steps, *a, **kw)
+
+    def recorded_paths(W_, Hd, g, cand, *a):
+        seen["cand"] = cand.clone()
+        return paths(W_, Hd, g, cand, *a)
+    monkeypatch.setattr(support, "_forward", watched)
+    monkeypatch.setattr(support, "_restricted_paths", recorded_paths)
+    prune_restricted(W, H, sp)
+    Hd, dead, _, _ = support._damped(H, 0.01, "cpu")
+    n_live = int((~dead).sum())
+    n_cand = round(support.DEFAULT_WIDEN * (R * d - round(sp * R * d)))
+    steps = min(d, 3 * -(-n_cand // R) // 2 + 16)
+    assert lengths[0] < steps and max(lengths) == steps         # a shorter sample run, no row grew
+    t_full, pool = support._pool_plan(n_cand / R, n_live, steps)
+    assert t_full is not None
+    order, gain, _ = forward(Hd, W @ Hd, dead, steps, 2 ** 26, torch.float64, t_full=t_full, pool=pool)
+    ref = support._prefix(order, budget_counts(PrunePath(order, -gain), n_cand, None), d)
+    assert torch.equal(seen["cand"], ref)
+
+
 @pytest.mark.parametrize("a,b", [(2.0 ** -100, 1.0), (2.0 ** 100, 1.0), (1.0, 2.0 ** -80), (1.0, 2.0 ** 100),
                                  (2.0 ** -60, 2.0 ** -60), (2.0 ** 40, 2.0 ** 40)])
 def test_any_scale_of_weights_and_hessian(a, b):
