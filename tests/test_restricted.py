@@ -464,7 +464,8 @@ def test_wide_speculation_takes_the_same_steps(dtype):
     for wide in (0, 2 ** 62, 40 * d * np.dtype(dtype).itemsize):     # always, never, from step 40
         order, gain = np.zeros((R, steps), np.int64), np.zeros((R, steps))
         ran = np.zeros(R, np.int64)
-        jit.forward_select(Ha, G, steps, np.full(R, -np.inf), order, gain, ran, wide, steps, d)
+        jit.forward_select(Ha, G, steps, np.full(R, -np.inf), order, gain, ran, wide, np.zeros(0, np.int64),
+                           np.zeros(0, np.int64))
         assert (ran == steps).all()
         out.append((order, gain))
     for order, gain in out[1:]:
@@ -518,20 +519,22 @@ def _np_scores(Hd, g, S, live):
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
-def test_pool_phase_picks_among_the_best_scorers_and_compiled_equals_torch(dtype, monkeypatch):
-    """After t_full steps over all inputs a row goes on among the `pool` inputs that then score
-    best: every later pick is one of them (scores from plain solves on the first t_full picks),
-    and the compiled and the torch steps take the same inputs."""
+def test_pool_stages_pick_among_the_best_scorers_and_compiled_equals_torch(dtype, monkeypatch):
+    """Pools in two stages: after t1 steps over all inputs a row goes on among the w1 inputs that
+    then score best, after t2 among the w2 best of those: every later pick is one of them (scores
+    from plain solves on the picks so far), and the compiled and the torch steps take the same
+    inputs."""
     pytest.importorskip("numba")
     from osbc.solvers.engine import greedy as engine_greedy
-    R, d, steps, t_full, pool = 12, 260, 60, 25, 40
+    R, d, steps = 12, 260, 60
+    (t1, w1), (t2, w2) = pools = ((15, 90), (30, 40))
     H = spike_H(d, 9, dead=0.2)
     W = weights(R, d, 9, torch.float64)
     Hd, dead, _, _ = support._damped(H, 0.01, "cpu")
     g = W @ Hd
-    o_jit, g_jit, _ = support._forward(Hd, g, dead, steps, 2 ** 26, dtype, t_full=t_full, pool=pool)
+    o_jit, g_jit, _ = support._forward(Hd, g, dead, steps, 2 ** 26, dtype, pools=pools)
     monkeypatch.setattr(engine_greedy, "_JIT_MOD", False)
-    o_t, g_t, _ = support._forward(Hd, g, dead, steps, 2 ** 26, dtype, t_full=t_full, pool=pool)
+    o_t, g_t, _ = support._forward(Hd, g, dead, steps, 2 ** 26, dtype, pools=pools)
     if dtype == torch.float64:
         assert torch.equal(o_jit, o_t)
         torch.testing.assert_close(g_jit, g_t, rtol=1e-9, atol=0.0)
@@ -543,17 +546,21 @@ def test_pool_phase_picks_among_the_best_scorers_and_compiled_equals_torch(dtype
     for r in range(R):
         o = o_jit[r].tolist()
         assert len(set(o)) == steps and live[o].all()
-        assert o[:t_full] == full[r, :t_full].tolist()          # the first t_full steps: plain selection
-        sc = _np_scores(Hn, g[r].numpy(), o[:t_full], live)
-        best = set(np.argsort(-sc, kind="stable")[:pool].tolist())
-        assert set(o[t_full:]) <= best
-        differs.append(o[t_full:] != full[r, t_full:].tolist())
-    assert any(differs)          # the pool is narrow enough to change some row's later picks
+        assert o[:t1] == full[r, :t1].tolist()          # the first t1 steps: plain selection
+        sc = _np_scores(Hn, g[r].numpy(), o[:t1], live)
+        first = np.argsort(-sc, kind="stable")[:w1]
+        assert set(o[t1:]) <= set(first.tolist())
+        sc = _np_scores(Hn, g[r].numpy(), o[:t2], live)
+        inside = np.sort(first)          # the pool in position order: ties to the lower position
+        second = inside[np.argsort(-sc[inside], kind="stable")[:w2]]
+        assert set(o[t2:]) <= set(second.tolist())
+        differs.append(o[t1:] != full[r, t1:].tolist())
+    assert any(differs)          # the pools are narrow enough to change some row's later picks
 
 
 def test_pool_only_at_low_sparsity(monkeypatch, always_restricted):
-    """_select hands _forward a pool phase only where the candidates exceed _POOL_FROM of the live
-    inputs per row (low sparsity), and never a pool as wide as the inputs."""
+    """_select hands _forward pools only where the candidates exceed _POOL_FROM of the live inputs
+    per row (low sparsity): there both stages, each narrower than the inputs and the one before."""
     R, d = 16, 400
     H = spike_H(d, 13, dead=0.0)
     W = weights(R, d, 13)
@@ -561,19 +568,21 @@ def test_pool_only_at_low_sparsity(monkeypatch, always_restricted):
     real = support._forward
 
     def spy(*a, **kw):
-        seen.append((kw.get("t_full", a[9] if len(a) > 9 else None), kw.get("pool", a[10] if len(a) > 10 else None)))
+        seen.append(kw.get("pools", a[9] if len(a) > 9 else ()))
         return real(*a, **kw)
     monkeypatch.setattr(support, "_forward", spy)
     prune_restricted(W, H, 0.97)
-    assert seen and all(tf is None for tf, _ in seen)
+    assert seen and all(p == () for p in seen)
     seen.clear()
     prune_restricted(W, H, 0.85)
-    assert seen and all(tf is not None and pool < d for tf, pool in seen)
+    assert seen and all(len(p) == len(support._POOL_STAGES) for p in seen)
+    for (t1, w1), (t2, w2) in seen:
+        assert t1 < t2 and w2 < w1 < d
 
 
 def test_pooled_selection_equals_one_run_per_row(monkeypatch, always_restricted):
     """With the late pool (low sparsity), the candidates are those of one run of every row to the
-    nominal length with one pool width: a sampled row (run shorter first) gets the pool every
+    nominal length with one set of pool widths: a sampled row (run shorter first) gets the pool every
     other row gets, so its candidates do not depend on having been sampled."""
     from osbc.solvers.obs import PrunePath, budget_counts
     R, d, sp = 64, 400, 0.85
@@ -597,9 +606,9 @@ def test_pooled_selection_equals_one_run_per_row(monkeypatch, always_restricted)
     n_cand = round(support.DEFAULT_WIDEN * (R * d - round(sp * R * d)))
     steps = min(d, 3 * -(-n_cand // R) // 2 + 16)
     assert lengths[0] < steps and max(lengths) == steps         # a shorter sample run, no row grew
-    t_full, pool = support._pool_plan(n_cand / R, n_live, steps)
-    assert t_full is not None
-    order, gain, _ = forward(Hd, W @ Hd, dead, steps, 2 ** 26, torch.float64, t_full=t_full, pool=pool)
+    pools = support._pool_plan(n_cand / R, n_live, steps)
+    assert pools
+    order, gain, _ = forward(Hd, W @ Hd, dead, steps, 2 ** 26, torch.float64, pools=pools)
     ref = support._prefix(order, budget_counts(PrunePath(order, -gain), n_cand, None), d)
     assert torch.equal(seen["cand"], ref)
 
@@ -657,8 +666,9 @@ def test_hessians_the_exact_greedy_repairs():
 
 
 def test_forward_selection_workers_fit_max_memory(monkeypatch):
-    """Each compiled selection worker holds one row's factor [steps, n]: under a max_memory that
-    holds one, one worker runs (never none), with the same result as several."""
+    """Each compiled selection worker holds one row's factor [steps, n] (pools are gathered into
+    it): under a max_memory that holds one, one worker runs (never none), with the same result as
+    several, pools or not."""
     pytest.importorskip("osbc.solvers.engine.jit")
     R, d, steps = 24, 300, 70
     H = spike_H(d, 18, dead=0.2)
@@ -674,8 +684,14 @@ def test_forward_selection_workers_fit_max_memory(monkeypatch):
     wide = support._forward(Hd, g, dead, steps, 2 ** 30, torch.float32)
     small = support._forward(Hd, g, dead, steps, one_row + 1, torch.float32)
     tiny = support._forward(Hd, g, dead, steps, 1, torch.float32)
-    assert seen == [2, 1, 1]
+    pools = ((20, 120), (40, 60))
+    pooled_wide = support._forward(Hd, g, dead, steps, 2 ** 30, torch.float32, pools=pools)
+    pooled_small = support._forward(Hd, g, dead, steps, one_row + 1, torch.float32, pools=pools)
+    assert seen == [2, 1, 1, 2, 1]
     for a, b in zip(wide, small):
         assert torch.equal(a, b)
     for a, b in zip(wide, tiny):
         assert torch.equal(a, b)
+    for a, b in zip(pooled_wide, pooled_small):
+        assert torch.equal(a, b)
+    assert not torch.equal(pooled_wide[0], wide[0])

@@ -47,9 +47,9 @@ _AUTO_SECONDS = 60.0
 # (101 s for 512x8192 at 90%, 21 s at 95%); more at 97-99%, where fixed costs weigh more but the
 # whole solve takes seconds.
 _RESTRICTED_COST = 3.0
-# ... and where the selection's late pool applies (low sparsity: solvers.restricted._pool_plan),
-# about half of that: 512x8192 at 90% took 49 s with it, 101 s without (estimate 53 s); 512x4608
-# at 80% took 49 s (estimate 38 s)
+# ... and where the selection's pools apply (low sparsity: solvers.restricted._pool_plan), about
+# half of that: 512x8192 at 90% took 49 s with one pool stage, 101 s without (estimate 53 s), and
+# 47.5 s with two; 512x4608 at 80% took 49 s with one (estimate 38 s)
 _POOL_COST = 0.5
 # Below this sparsity the candidate support is large: auto then chooses between exact and fast
 # only. At 80-85% restricted took 1.7-4.2x less time than exact on 256x2312 (synthetic and
@@ -312,7 +312,7 @@ def auto_solver(R: int, d: int, sparsity: float, device_type: str = "cpu", *, pr
 
     Estimated times: exact, 2/3 R (d^3 - ((1 - s) d)^3) flops at ``_FLOPS``; restricted,
     ``_RESTRICTED_COST`` R d T^2 / 2 flops with T = 1.25 widen (1 - s) d + 16 (widen =
-    ``solvers.restricted.DEFAULT_WIDEN``; half that where the selection's late pool applies,
+    ``solvers.restricted.DEFAULT_WIDEN``; half that where the selection's pools apply,
     ``_POOL_COST``). For pruning at
     sparsity >= 0.8 without an N:M pattern, "restricted" when its estimate is under
     ``seconds`` (the config's ``auto_seconds``, default 60) and under exact's: there it matched or beat the exact greedy's membrane error
@@ -330,7 +330,7 @@ def auto_solver(R: int, d: int, sparsity: float, device_type: str = "cpu", *, pr
         T = 1.25 * solvers.restricted.DEFAULT_WIDEN * (1 - sparsity) * d + 16
         restricted = _RESTRICTED_COST * R * d * T * T / 2 / rate
         avg = solvers.restricted.DEFAULT_WIDEN * (1 - sparsity) * d
-        if solvers.restricted._pool_plan(avg, d, int(1.5 * avg) + 16)[0] is not None:
+        if solvers.restricted._pool_plan(avg, d, int(1.5 * avg) + 16):
             restricted *= _POOL_COST
         if restricted <= seconds and restricted < exact:
             return "restricted"

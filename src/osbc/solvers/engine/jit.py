@@ -313,7 +313,7 @@ def _select_steps(Ha, idx, C, n, r, s, free, floor, score, bmax, cols, qs, sidx,
 
 
 @numba.njit(**_jit)
-def forward_select(Ha, G, t_max, stop, order, gain, ran, wide, t_full, pool):   # pragma: no cover  (compiled; tested via solvers)
+def forward_select(Ha, G, t_max, stop, order, gain, ran, wide, splits, widths):   # pragma: no cover  (compiled; tested via solvers)
     """Forward selection (orthogonal least squares) of up to ``t_max`` inputs for each row of G
     [c, n], Gram matrix Ha [n, n]: the math of ``restricted._forward``'s torch loop, step for step
     (there the factor's column is a batched product; here a row's factor C [t, n] is read once
@@ -321,9 +321,10 @@ def forward_select(Ha, G, t_max, stop, order, gain, ran, wide, t_full, pool):   
     order[:, :t], the loss decreases 1/2 r_j^2 / s_j to gain[:, :t] and t to ran; a row stops
     early once the least of its gains so far falls under stop[row].
 
-    After ``t_full`` steps over all inputs the row goes on among the ``pool`` best-scoring free
-    inputs only (their scores then exact; a step then costs pool / n of a full one). ``t_full >=
-    t_max`` or ``pool >= n``: all steps over all inputs.
+    Pools: after splits[i] steps the row goes on among the widths[i] best-scoring free inputs of
+    those it still scores (their scores then exact; a step then costs width / n of a full one),
+    kept in position order and gathered in place (splits ascending, widths descending; a width not
+    under the inputs left changes nothing). Empty splits: every step over all inputs.
 
     The pass over C that computes the chosen input's column also computes the columns of the
     next-best inputs as of this step (speculation): when one of them is a later pick, its column
@@ -334,59 +335,66 @@ def forward_select(Ha, G, t_max, stop, order, gain, ran, wide, t_full, pool):   
     c, n = G.shape
     dt = G.dtype
     C = np.empty((t_max, n), dt)
-    B = min(pool, n)
-    CP = np.empty((t_max, B), dt) if t_full < t_max and B < n else np.empty((1, 1), dt)
     r = np.empty(n, dt)
     s = np.empty(n, dt)
-    rP = np.empty(B, dt)
-    sP = np.empty(B, dt)
     cols = np.zeros((4, n), dt)      # the pass's columns: the pick's, then the speculated ones
     qs = np.empty(4, np.int64)
     sidx = np.empty(4, np.int64)     # the input whose column cols[b] holds (-1: none)
     free = np.empty(n, np.bool_)
-    freeP = np.ones(B, np.bool_)
     score = np.empty(n, dt)
     bmax = np.empty(-(-n // _BLOCK), dt)
-    floor = np.empty(n, dt)          # below this Schur complement an input counts as dependent
-    floorP = np.empty(B, dt)
-    idx = np.arange(n)
+    floor0 = np.empty(n, dt)         # below this Schur complement an input counts as dependent
+    floor = np.empty(n, dt)
+    idx = np.empty(n, np.int64)      # the Ha position of each input still scored
     for i in range(n):
-        floor[i] = 1e-6 * Ha[i, i]
+        floor0[i] = 1e-6 * Ha[i, i]
     # the step's scalars and the constants in G's precision (keeps the fused passes in float32)
     f = np.empty(2, dt)
     k = np.empty(4, dt)
     k[0], k[1], k[2], k[3] = 1e-30, -1.0, -2.0, -3.0
     tiny = k[0]
+    ns = len(splits)
     for row in range(c):
         for i in range(n):
             r[i] = G[row, i]
             s[i] = Ha[i, i]
             free[i] = True
+            floor[i] = floor0[i]
+            idx[i] = i
         ran[row] = t_max
-        split = t_full if B < n else t_max
-        split = min(split, t_max)
-        low = _select_steps(Ha, idx, C, n, r, s, free, floor, score, bmax, cols, qs, sidx, k, f, 0, split,
-                            wide, row, stop, order, gain, ran, np.inf)
-        if ran[row] < t_max or split >= t_max:
-            continue
-        # the pool: the B best-scoring free inputs now (ties: the lower position first)
-        for i in range(n):
-            q = r[i] * r[i] / max(s[i], tiny)
-            q = q if s[i] > floor[i] else k[1]
-            score[i] = q if free[i] else k[2]
-        P = np.argsort(-score, kind="mergesort")[:B]
-        for b in range(B):
-            pb = P[b]
-            rP[b] = r[pb]
-            sP[b] = s[pb]
-            floorP[b] = floor[pb]
-            freeP[b] = free[pb]
-        for u in range(split):
-            Cu, CPu = C[u], CP[u]
+        m = n
+        t = 0
+        low = np.inf
+        for st in range(ns + 1):
+            end = min(splits[st], t_max) if st < ns else t_max
+            if end > t:
+                low = _select_steps(Ha, idx, C, m, r, s, free, floor, score, bmax, cols, qs, sidx, k, f, t, end,
+                                    wide, row, stop, order, gain, ran, low)
+                t = end
+            if st == ns or ran[row] < t_max or t >= t_max:
+                break
+            B = widths[st]
+            if B >= m:
+                continue
+            # the pool: the B best-scoring free inputs now, in position order (ties then go to the
+            # lower position, as over all inputs); P ascends, so P[b] >= b and the gather is in place
+            for i in range(m):
+                q = r[i] * r[i] / max(s[i], tiny)
+                q = q if s[i] > floor[i] else k[1]
+                score[i] = q if free[i] else k[2]
+            P = np.sort(np.argsort(-score[:m], kind="mergesort")[:B])
             for b in range(B):
-                CPu[b] = Cu[P[b]]
-        _select_steps(Ha, P, CP, B, rP, sP, freeP, floorP, score, bmax, cols, qs, sidx, k, f, split, t_max,
-                      wide, row, stop, order, gain, ran, low)
+                pb = P[b]
+                idx[b] = idx[pb]
+                r[b] = r[pb]
+                s[b] = s[pb]
+                floor[b] = floor[pb]
+                free[b] = free[pb]
+            for u in range(t):
+                Cu = C[u]
+                for b in range(B):
+                    Cu[b] = Cu[P[b]]
+            m = B
 
 
 @numba.njit(**_jit)
