@@ -558,6 +558,26 @@ def test_pool_stages_pick_among_the_best_scorers_and_compiled_equals_torch(dtype
     assert any(differs)          # the pools are narrow enough to change some row's later picks
 
 
+@pytest.mark.parametrize("pools", [((3, 1),), ((0, 5), (0, 2)), ((2, 30), (4, 3), (9, 1))])
+def test_pools_narrower_than_the_steps_left_never_repeat_an_input(pools, monkeypatch):
+    """A pool is never narrower than the steps left (it is widened to them): every row takes
+    distinct inputs, compiled and torch steps alike (a row that ran out of pool inputs took one
+    twice)."""
+    pytest.importorskip("numba")
+    from osbc.solvers.engine import greedy as engine_greedy
+    R, d, steps = 5, 40, 12
+    H = spike_H(d, 21, dead=0.0)
+    W = weights(R, d, 21, torch.float64)
+    Hd, dead, _, _ = support._damped(H, 0.01, "cpu")
+    g = W @ Hd
+    o_jit, g_jit, _ = support._forward(Hd, g, dead, steps, 2 ** 26, torch.float64, pools=pools)
+    monkeypatch.setattr(engine_greedy, "_JIT_MOD", False)
+    o_t, g_t, _ = support._forward(Hd, g, dead, steps, 2 ** 26, torch.float64, pools=pools)
+    assert torch.equal(o_jit, o_t)
+    torch.testing.assert_close(g_jit, g_t, rtol=1e-9, atol=0.0)
+    assert all(len(set(row.tolist())) == steps for row in o_jit)
+
+
 def test_pool_only_at_low_sparsity(monkeypatch, always_restricted):
     """_select hands _forward pools only where the candidates exceed _POOL_FROM of the live inputs
     per row (low sparsity): there both stages, each narrower than the inputs and the one before."""

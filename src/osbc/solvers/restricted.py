@@ -45,6 +45,7 @@ damping repairs it.
 """
 from __future__ import annotations
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -255,7 +256,8 @@ def _forward(Hd: Tensor, g: Tensor, dead: Tensor, steps: int, max_memory: int, d
     the rows done. ``pools``: (t, width) stages, t ascending and width descending (``_pool_plan``):
     after t steps each row goes on among the width inputs that then score best of those it still
     scores (their scores exact, the others no longer updated: a step then costs width / n of a
-    full one), in position order; empty: every step over all inputs.
+    full one), in position order, a width never under the steps left; empty: every step over all
+    inputs.
     Returns (order [r, steps] input indices, gain [r, steps] loss decreases made non-increasing,
     -inf past the computed steps, ran [r] steps computed). On CPU with numba the steps run
     compiled (``engine.jit``), a row at a time, the rows shared by the worker threads; otherwise
@@ -268,8 +270,9 @@ def _forward(Hd: Tensor, g: Tensor, dead: Tensor, steps: int, max_memory: int, d
     order = torch.zeros(R, steps, dtype=torch.int64, device=g.device)
     gain = torch.full((R, steps), -float("inf"), dtype=torch.float64, device=g.device)
     ran = torch.full((R,), t_max, dtype=torch.int64, device=g.device)
-    splits = torch.tensor([min(int(t), t_max) for t, _ in pools], dtype=torch.int64)
-    widths = torch.tensor([max(1, min(int(w), n)) for _, w in pools], dtype=torch.int64)
+    splits = [min(int(t), t_max) for t, _ in pools]
+    # a pool never narrower than the steps left: a row that ran out of inputs would take one twice
+    widths = [min(max(int(w), t_max - t, 1), n) for t, (_, w) in zip(splits, pools)]
     jit = _jit_module(g.device, DEFAULT_OPTIONS)
     if jit is not None:
         stop = torch.full((R,), -float("inf"), dtype=torch.float64) if stop is None else stop.to(torch.float64)
@@ -280,14 +283,14 @@ def _forward(Hd: Tensor, g: Tensor, dead: Tensor, steps: int, max_memory: int, d
         workers = max(1, min(_workers(g.device, DEFAULT_OPTIONS), max_memory // max(per_worker, 1)))
 
         def one(rr):
-            jit.forward_select(Hn, Gn[rr], t_max, sn[rr], on[rr], gn[rr], rn[rr], _WIDE_PASS, splits.numpy(),
-                               widths.numpy())
+            jit.forward_select(Hn, Gn[rr], t_max, sn[rr], on[rr], gn[rr], rn[rr], _WIDE_PASS,
+                               np.array(splits, np.int64), np.array(widths, np.int64))
             if bar is not None:
                 bar.update(rr.stop - rr.start)
         # several chunks per worker: the progress bar moves (the chunks' size does not change the time)
         _map(one, _worker_chunks(R, -(-R // (8 * workers)), workers), workers)
     else:
-        _forward_torch(Ha, G, t_max, order, gain, max_memory, dict(zip(splits.tolist(), widths.tolist())))
+        _forward_torch(Ha, G, t_max, order, gain, max_memory, dict(zip(splits, widths)))
         if bar is not None:
             bar.update(R)
     order[:, :t_max] = a[order[:, :t_max]]
